@@ -1,0 +1,1 @@
+"""Runtime: device/backend choice, megatron-core CPU compatibility, process groups, seeding."""
