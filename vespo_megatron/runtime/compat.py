@@ -1,0 +1,422 @@
+"""Megatron-Core on machines without CUDA: one shim per upstream function that assumes a GPU.
+
+Megatron-Core's model, schedules, DDP, optimizer and dist-checkpointing run unchanged on CPU with the
+gloo backend once a handful of CUDA-only calls are redirected. Each shim below is named after the
+upstream function (or attribute) it replaces, is applied only when CUDA is absent (``apply_cpu_compat``
+is a no-op on a GPU machine), and is idempotent. ``patches/`` holds the same fixes as source patches
+for users who prefer to patch a Megatron-LM checkout; docs/parallelism.md lists both.
+
+Shims (id, upstream target):
+
+- P1  ``torch.cuda.current_device``: buffers are allocated on ``torch.cuda.current_device()``.
+- P2  ``tensor_parallel.random.CudaRNGStatesTracker`` / ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``:
+      the model-parallel RNG tracker forks CUDA generator states; on CPU it forks the CPU generator.
+- P3  ``transformer.utils.get_default_causal_mask``: builds the mask with ``device="cuda"``.
+- P5  ``torch.cuda.Stream`` and friends: MoE layers, batched p2p and dist-ckpt create streams/events.
+- P6  ``transformer.moe.moe_utils.te_general_gemm``: referenced without being bound when TE is absent.
+- P7  ``transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu``: only moves CUDA tensors, so CPU
+      split sizes stay tensors and ``all_to_all_single`` rejects them.
+- P8  ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with
+      uneven split sizes: gloo has no uneven all-gather/reduce-scatter.
+- P9  ``transformer.moe.grouped_gemm_util.grouped_gemm``: the grouped-GEMM extension is CUDA-only.
+- P10 ``torch`` tensor factories and ``Tensor.cuda``: schedules, the optimizer and dist-ckpt hard-code
+      ``device="cuda"``.
+- P11 ``torch.Tensor.type``: Megatron checks ``param.type() == 'torch.cuda.FloatTensor'``.
+- P12 ``dist_checkpointing.strategies.filesystem_async._get_write_results_queue``: spawns a
+      ``multiprocessing.Manager`` that re-imports ``__main__`` for every synchronous save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shim:
+    """One CPU replacement for a CUDA-only upstream function."""
+
+    shim_id: str
+    upstream: str
+    apply: Callable[[], None]
+
+
+_APPLIED: set[str] = set()
+
+
+def _once(shim_id: str):
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper():
+            if shim_id in _APPLIED:
+                return
+            fn()
+            _APPLIED.add(shim_id)
+
+        return wrapper
+
+    return decorate
+
+
+def _cpu_device(device):
+    """Map any CUDA device spec (``"cuda"``, ``"cuda:0"``, ``torch.device('cuda')``, an int) to CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- P1
+
+
+@_once("P1")
+def shim_current_device() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- P2
+
+
+@_once("P2")
+def shim_cuda_rng_states_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    upstream = mrandom.CudaRNGStatesTracker
+
+    class CpuRNGStatesTracker(upstream):
+        """Model-parallel RNG tracker over the CPU generator (same semantics as the CUDA one)."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise RuntimeError(f"seed {seed} already exists")
+            if name in self.states_:
+                raise RuntimeError(f"cuda rng state {name} already exists")
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.seeds_.add(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise RuntimeError(f"rng state {name} is not added")
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
+    def get_state(device=-1, clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+# ---------------------------------------------------------------------------------------------- P3
+
+
+@_once("P3")
+def shim_get_default_causal_mask() -> None:
+    from megatron.core.transformer import utils as tutils
+
+    @functools.lru_cache(maxsize=8)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    def get_sliding_window_causal_mask(sq, skv, window_size):
+        ones = torch.ones(sq, skv, dtype=torch.bool)
+        upper = torch.triu(ones, diagonal=skv - sq - window_size[0])
+        return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
+
+    tutils.get_default_causal_mask = get_default_causal_mask
+    tutils.get_sliding_window_causal_mask = get_sliding_window_causal_mask
+    try:
+        from megatron.core.fusions import fused_softmax
+    except ImportError:
+        return
+    if hasattr(fused_softmax, "get_default_causal_mask"):
+        fused_softmax.get_default_causal_mask = get_default_causal_mask
+    if hasattr(fused_softmax, "get_sliding_window_causal_mask"):
+        fused_softmax.get_sliding_window_causal_mask = get_sliding_window_causal_mask
+
+
+# ---------------------------------------------------------------------------------------------- P5
+
+
+class _NullEvent:
+    def record(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def wait(self, stream=None):
+        return None
+
+    def query(self):
+        return True
+
+
+class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        return None
+
+    def wait_event(self, event):
+        return None
+
+    def record_event(self, event=None):
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+
+@_once("P5")
+def shim_cuda_streams() -> None:
+    null_stream = _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = lambda *args, **kwargs: _NullEvent()
+    torch.cuda.current_stream = lambda device=None: null_stream
+    torch.cuda.default_stream = lambda device=None: null_stream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
+
+
+# ---------------------------------------------------------------------------------------------- P6
+
+
+@_once("P6")
+def shim_te_general_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# ---------------------------------------------------------------------------------------------- P7
+
+
+@_once("P7")
+def shim_maybe_move_tensor_to_cpu() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if not torch.is_tensor(tensor):
+            return tensor
+        tensor = tensor.cpu()
+        return tensor.numpy() if as_numpy else tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+# ---------------------------------------------------------------------------------------------- P8
+
+
+@_once("P8")
+def shim_uneven_split_mappings() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    upstream_gather = mappings._gather_along_first_dim
+    upstream_reduce_scatter = mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None:
+            return upstream_gather(input_, group, None, use_global_buffer)
+        world = torch.distributed.get_world_size(group)
+        if world == 1:
+            return input_
+        sizes = [int(s) for s in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        chunks = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(chunks, padded.contiguous(), group=group)
+        return torch.cat([chunk[:size] for chunk, size in zip(chunks, sizes)], dim=0)
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None:
+            return upstream_reduce_scatter(input_, group, None, use_global_buffer)
+        world = torch.distributed.get_world_size(group)
+        if world == 1:
+            return input_
+        total = input_.clone().contiguous()
+        torch.distributed.all_reduce(total, group=group)
+        rank = torch.distributed.get_rank(group)
+        sizes = [int(s) for s in input_split_sizes]
+        start = sum(sizes[:rank])
+        return total[start : start + sizes[rank]].contiguous()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
+# ---------------------------------------------------------------------------------------------- P9
+
+
+def _loop_gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes, trans_b: bool = False) -> torch.Tensor:
+    """Grouped GEMM as a loop over experts: rows of ``a`` in expert order times each expert's ``b``."""
+    outputs = []
+    start = 0
+    for expert, count in enumerate(batch_sizes.tolist() if torch.is_tensor(batch_sizes) else batch_sizes):
+        weight = b[expert].t() if trans_b else b[expert]
+        outputs.append(a[start : start + count] @ weight)
+        start += count
+    if not outputs:
+        return a.new_zeros((0, b.shape[1] if trans_b else b.shape[-1]))
+    return torch.cat(outputs, dim=0)
+
+
+@_once("P9")
+def shim_grouped_gemm() -> None:
+    from megatron.core.transformer.moe import experts, grouped_gemm_util
+
+    if grouped_gemm_util.grouped_gemm is not None:
+        return
+    backend = types.SimpleNamespace(gmm=_loop_gmm)
+    backend.ops = backend
+    grouped_gemm_util.grouped_gemm = backend
+    grouped_gemm_util.ops = backend
+    if hasattr(experts, "gg"):
+        experts.gg = grouped_gemm_util
+
+
+# ---------------------------------------------------------------------------------------------- P10
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "as_tensor",
+    "linspace", "eye", "empty_strided",
+)  # fmt: skip
+
+
+def _redirect_device(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # pinning needs a CUDA allocator
+        return factory(*args, **kwargs)
+
+    wrapper.__vespo_cpu_redirect__ = True
+    return wrapper
+
+
+@_once("P10")
+def shim_cuda_device_factories() -> None:
+    for name in _FACTORIES:
+        factory = getattr(torch, name)
+        if not getattr(factory, "__vespo_cpu_redirect__", False):
+            setattr(torch, name, _redirect_device(factory))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    upstream_to = torch.Tensor.to
+
+    @functools.wraps(upstream_to)
+    def to(self, *args, **kwargs):
+        if args and (isinstance(args[0], (str, torch.device)) or (isinstance(args[0], int) and len(args) == 1)):
+            args = (_cpu_device(args[0]),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return upstream_to(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+
+
+# ---------------------------------------------------------------------------------------------- P11
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+@_once("P11")
+def shim_tensor_type() -> None:
+    upstream_type = torch.Tensor.type
+
+    @functools.wraps(upstream_type)
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return upstream_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
+# ---------------------------------------------------------------------------------------------- P12
+
+
+@_once("P12")
+def shim_write_results_queue() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    in_process_queue = queue.Queue()
+    filesystem_async._get_write_results_queue = lambda: in_process_queue
+
+
+SHIMS: tuple[Shim, ...] = (
+    Shim("P1", "torch.cuda.current_device", shim_current_device),
+    Shim("P2", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker", shim_cuda_rng_states_tracker),
+    Shim("P3", "megatron.core.transformer.utils.get_default_causal_mask", shim_get_default_causal_mask),
+    Shim("P5", "torch.cuda.Stream", shim_cuda_streams),
+    Shim("P6", "megatron.core.transformer.moe.moe_utils.te_general_gemm", shim_te_general_gemm),
+    Shim(
+        "P7",
+        "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+        shim_maybe_move_tensor_to_cpu,
+    ),
+    Shim("P8", "megatron.core.tensor_parallel.mappings._gather_along_first_dim", shim_uneven_split_mappings),
+    Shim("P9", "megatron.core.transformer.moe.grouped_gemm_util.grouped_gemm", shim_grouped_gemm),
+    Shim("P10", "torch.zeros(..., device='cuda') and other factories", shim_cuda_device_factories),
+    Shim("P11", "torch.Tensor.type", shim_tensor_type),
+    Shim(
+        "P12",
+        "megatron.core.dist_checkpointing.strategies.filesystem_async._get_write_results_queue",
+        shim_write_results_queue,
+    ),
+)
+
+
+def cpu_compat_needed() -> bool:
+    """True when CUDA is absent, i.e. Megatron-Core must run on CPU with gloo."""
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_compat(force: bool = False) -> list[str]:
+    """Apply every shim (once) when CUDA is absent; return the ids applied by this process so far."""
+    if force or cpu_compat_needed():
+        for shim in SHIMS:
+            shim.apply()
+    return sorted(_APPLIED)
+
+
+def applied_shims() -> list[str]:
+    return sorted(_APPLIED)

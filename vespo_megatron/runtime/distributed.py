@@ -1,0 +1,180 @@
+"""Process groups and seeding: the one place that talks to ``megatron.core.parallel_state``.
+
+``initialize(config)`` picks the device and backend (cuda + nccl when a GPU is present, cpu + gloo
+otherwise), joins the torch.distributed world from the torchrun/SLURM environment if no group exists
+yet, applies the CPU compatibility shims, builds Megatron's TP/PP/VPP/CP/EP/ETP/DP groups and seeds
+every generator the way Megatron's model-parallel seeding does. Everything downstream receives the
+resulting :class:`ParallelContext` (groups as explicit handles) instead of reading globals.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vespo_megatron.config import Config, ParallelConfig, validate
+from vespo_megatron.runtime.compat import apply_cpu_compat, cpu_compat_needed
+
+
+def device_and_backend() -> tuple[torch.device, str]:
+    """``(cuda:LOCAL_RANK, "nccl")`` when CUDA is available, else ``(cpu, "gloo")``."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This rank's place in the grid, with the process groups the rest of the code needs."""
+
+    device: torch.device
+    world_size: int
+    rank: int
+    tp: int
+    tp_rank: int
+    pp: int
+    pp_rank: int
+    vpp: Optional[int]
+    cp: int
+    cp_rank: int
+    ep: int
+    ep_rank: int
+    etp: int
+    dp: int
+    dp_rank: int
+    tp_group: Optional[dist.ProcessGroup]
+    cp_group: Optional[dist.ProcessGroup]
+    dp_group: Optional[dist.ProcessGroup]
+    dp_cp_group: Optional[dist.ProcessGroup]
+    tp_cp_group: Optional[dist.ProcessGroup]
+    """The ranks that share a sequence: the VESPO [B] all-reduce runs over this group."""
+    pp_group: Optional[dist.ProcessGroup]
+    model_parallel_group: Optional[dist.ProcessGroup]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints progress and writes metrics (last stage, first TP/CP/DP rank)."""
+        return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0 and self.dp_rank == 0
+
+
+def init_process_group_from_env(timeout_minutes: int = 30) -> None:
+    """Join the world described by torchrun/srun environment variables, if not already joined."""
+    if dist.is_initialized():
+        return
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        # A plain `python` invocation is a world of one.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            from vespo_megatron.runtime.local_workers import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
+    device, backend = device_and_backend()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def initialize_model_parallel(par: ParallelConfig) -> None:
+    """Build Megatron's process groups for ``par`` (torch.distributed must already be initialised)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        context_parallel_size=par.cp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.expert_tp,
+        create_gloo_process_groups=False,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and Megatron's model-parallel RNG tracker.
+
+    Megatron gives each TP rank its own stream for weights that differ across TP (dropout inside
+    TP regions) and keeps the default stream shared; the tracker must exist before any forward.
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def build_context(par: ParallelConfig, device: torch.device) -> ParallelContext:
+    from megatron.core import parallel_state as ps
+
+    return ParallelContext(
+        device=device,
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp=par.tp,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp=par.pp,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        vpp=par.vpp,
+        cp=par.cp,
+        cp_rank=ps.get_context_parallel_rank(),
+        ep=par.ep,
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp=par.expert_tp,
+        dp=ps.get_data_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        tp_cp_group=ps.get_tensor_and_context_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        model_parallel_group=ps.get_model_parallel_group(),
+    )
+
+
+def initialize(config: Config, seed: Optional[int] = None) -> ParallelContext:
+    """Validate the config for this world, then set up groups, compatibility shims and seeds.
+
+    Validation happens before Megatron's groups are built, so a bad layout fails on every rank
+    with the same message instead of hanging in a collective.
+    """
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    validate(config, world_size)
+    init_process_group_from_env()
+    device, _ = device_and_backend()
+    if cpu_compat_needed():
+        apply_cpu_compat()
+    initialize_model_parallel(config.parallel)
+    seed_everything(config.train.seed if seed is None else seed)
+    return build_context(config.parallel, device)
+
+
+def shutdown() -> None:
+    """Tear down Megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
