@@ -181,9 +181,9 @@ def gather_token_slices(slices: torch.Tensor, num_tokens: int, tp_group) -> torc
     """All-gather ``[c, m]`` finished per-token slices into ``[c, N]`` (padding dropped)."""
     tp = group_size(tp_group)
     channels, m = slices.shape
-    out = slices.new_empty(tp, channels, m)
-    _all_gather_single(out, slices.contiguous(), tp_group)
-    return out.transpose(0, 1).reshape(channels, tp * m)[:, :num_tokens]
+    out = slices.new_empty(tp * channels * m)
+    _all_gather_single(out, slices.reshape(-1).contiguous(), tp_group)
+    return out.view(tp, channels, m).transpose(0, 1).reshape(channels, tp * m)[:, :num_tokens]
 
 
 def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
