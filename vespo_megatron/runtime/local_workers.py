@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -45,7 +46,9 @@ def _worker_main(fn, rank, world_size, port, args, results, threads):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Plain pickle copies tensor data; the multiprocessing pickler would share memory that dies
+        # with this process before the parent reads it.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - the parent re-raises with the traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -95,7 +98,7 @@ def run_local_workers(
             if not ok and failure is None:
                 failure = f"rank {rank} failed:\n{value}"
                 break
-            collected[rank] = value
+            collected[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=5 if failure is None else 0.5)

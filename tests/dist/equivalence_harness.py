@@ -1,0 +1,144 @@
+"""Sharded-vs-unsharded comparison of one SFT step through the whole Megatron stack.
+
+The reference is a one-process run (tp=pp=cp=ep=dp=1). Both runs start from the same weights: the
+reference saves them with dist-checkpointing and the sharded layout loads them (Megatron reshards).
+Gradients and post-step weights of the sharded run are brought back to full shape the same way: the
+sharded run saves them as a dist checkpoint and a one-process model loads it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vespo_megatron.config import load_config
+from vespo_megatron.runtime.local_workers import run_local_workers
+
+DENSE = [
+    "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2",
+    "model.ffn_hidden_size=64", "model.max_seq_length=16", "model.vocab_size=64",
+    "train.micro_batch_size=2", "train.global_batch_size=8", "optimizer.lr=0.001", "optimizer.clip_grad=0.0",
+    "optimizer.adam_eps=0.0001",  # a smooth first Adam step: lr * g / (|g| + eps) is stable for tiny g
+]  # fmt: skip
+MOE = DENSE + ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32"]
+SEQ_LEN = 16
+NUM_MICRO_BATCHES = 4
+
+
+def micro_batches(seed: int = 7) -> list[dict]:
+    """The global batch of the step: NUM_MICRO_BATCHES micro-batches of 2 sequences."""
+    from vespo_megatron.train.batches import causal_lm_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(NUM_MICRO_BATCHES):
+        seqs = torch.randint(0, 64, (2, SEQ_LEN + 1), generator=gen)
+        mask = (torch.rand(2, SEQ_LEN + 1, generator=gen) > 0.3).long()
+        batches.append(causal_lm_batch(seqs, mask))
+    return batches
+
+
+def _sharded_state(engine):
+    return {f"model{i}": _unwrapped(chunk).sharded_state_dict() for i, chunk in enumerate(engine.chunks)}
+
+
+def _unwrapped(chunk):
+    from vespo_megatron.models.gpt import unwrap
+
+    return unwrap(chunk)
+
+
+def _save(engine, directory):
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(directory, exist_ok=True)
+    dist_checkpointing.save(_sharded_state(engine), directory)
+
+
+def _load(engine, directory):
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(_sharded_state(engine), directory)
+    for i, chunk in enumerate(engine.chunks):
+        _unwrapped(chunk).load_state_dict(state[f"model{i}"])
+
+
+def _full_params(engine) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in _unwrapped(engine.chunks[0]).named_parameters()}
+
+
+def _swap_grads_into_params(engine):
+    """Replace every parameter's data by its reduced gradient; return the saved data to restore."""
+    saved = []
+    for chunk in engine.chunks:
+        for param in chunk.parameters():
+            saved.append(param.data.clone())
+            param.data.copy_(param.main_grad)
+    return saved
+
+
+def _restore(engine, saved):
+    params = [p for chunk in engine.chunks for p in chunk.parameters()]
+    for param, data in zip(params, saved):
+        param.data.copy_(data)
+
+
+def _my_micro_batches(ctx) -> list[dict]:
+    from vespo_megatron.train.batches import shard_micro_batch
+
+    batches = micro_batches()
+    per_rank = len(batches) // ctx.dp
+    mine = batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
+    return [shard_micro_batch(b, ctx) for b in mine]
+
+
+def _step_worker(rank, world, overrides, workdir, role, compare_grads):
+    from vespo_megatron.runtime.distributed import initialize
+    from vespo_megatron.train.engine import build_engine
+    from vespo_megatron.train.sft import sft_loss_head
+
+    config = load_config(None, overrides)
+    ctx = initialize(config)
+    engine = build_engine(config, ctx, vocab_size=64)
+    if role == "reference":
+        _save(engine, os.path.join(workdir, "init"))
+    else:
+        _load(engine, os.path.join(workdir, "init"))
+    for chunk in engine.chunks:
+        chunk.zero_grad_buffer()
+    reported = engine._run_schedule(_my_micro_batches(ctx), sft_loss_head, forward_only=False,
+                                    emit_hidden_states=False)
+    loss = engine.reduce_reported(reported)["sft/loss"]
+    if compare_grads:
+        saved = _swap_grads_into_params(engine)
+        _save(engine, os.path.join(workdir, f"{role}_grads"))
+        _restore(engine, saved)
+    update_ok, _, _ = engine.optimizer.step()
+    assert update_ok
+    _save(engine, os.path.join(workdir, f"{role}_weights"))
+    return loss
+
+
+def _read_worker(rank, world, overrides, directories):
+    from vespo_megatron.runtime.distributed import initialize
+    from vespo_megatron.train.engine import build_engine
+
+    config = load_config(None, overrides)
+    engine = build_engine(config, initialize(config), vocab_size=64)
+    full = []
+    for directory in directories:
+        _load(engine, directory)
+        full.append(_full_params(engine))
+    return full
+
+
+def compare_layout(base: list[str], layout: list[str], world: int, workdir: str, compare_grads: bool = True):
+    """Run reference and sharded steps; return (ref_loss, loss, {kind: (ref, sharded) full param dicts})."""
+    ref_loss = run_local_workers(_step_worker, 1, base, workdir, "reference", compare_grads)[0]
+    losses = run_local_workers(_step_worker, world, base + layout, workdir, "sharded", compare_grads)
+    kinds = (["grads"] if compare_grads else []) + ["weights"]
+    directories = [os.path.join(workdir, f"{role}_{kind}") for kind in kinds for role in ("reference", "sharded")]
+    loaded = run_local_workers(_read_worker, 1, base, directories)[0]
+    full = {kind: (loaded[2 * i], loaded[2 * i + 1]) for i, kind in enumerate(kinds)}
+    return ref_loss, losses, full

@@ -1,0 +1,58 @@
+"""Micro-batches in the layout Megatron's GPTModel expects, and their context-parallel split.
+
+A micro-batch is a dict of ``[b, s]`` tensors: ``tokens`` (model input), ``labels`` (the next token of
+each position), ``loss_mask`` (1.0 where the label is trained on), ``position_ids``; RL batches add
+per-token and per-sequence fields (see :mod:`vespo_megatron.rl.batch`). Every rank of a pipeline builds
+the same micro-batches; with context parallelism each rank keeps its two load-balanced chunks of the
+sequence dimension (chunks r and 2*cp-1-r), the layout Megatron's attention expects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vespo_megatron.runtime.distributed import ParallelContext
+
+SEQUENCE_DIM = 1
+
+
+def causal_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor) -> dict:
+    """Input/label pair from ``sequences`` [b, s+1]: predict token t+1 from tokens <= t.
+
+    ``loss_mask`` [b, s+1] marks the tokens to be predicted (e.g. response tokens); it is shifted the
+    same way as the labels.
+    """
+    if sequences.dim() != 2 or sequences.shape != loss_mask.shape:
+        raise ValueError(f"sequences {tuple(sequences.shape)} and loss_mask {tuple(loss_mask.shape)} "
+                         "must both be [batch, seq_len + 1]")
+    tokens = sequences[:, :-1].contiguous()
+    batch, seq = tokens.shape
+    return {
+        "tokens": tokens,
+        "labels": sequences[:, 1:].contiguous(),
+        "loss_mask": loss_mask[:, 1:].float().contiguous(),
+        "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous(),
+    }
+
+
+def context_parallel_chunks(tensor: torch.Tensor, cp: int, cp_rank: int, dim: int = SEQUENCE_DIM) -> torch.Tensor:
+    """Chunks ``cp_rank`` and ``2*cp-1-cp_rank`` of ``2*cp`` equal chunks along ``dim``, concatenated."""
+    if cp == 1:
+        return tensor
+    length = tensor.shape[dim]
+    if length % (2 * cp):
+        raise ValueError(f"sequence length {length} is not divisible by 2*cp={2 * cp}")
+    chunks = tensor.chunk(2 * cp, dim=dim)
+    return torch.cat([chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]], dim=dim).contiguous()
+
+
+def shard_micro_batch(batch: dict, ctx: ParallelContext) -> dict:
+    """This rank's view of a micro-batch: ``[b, s]`` tensors split over CP; others kept as they are."""
+    if ctx.cp == 1:
+        return batch
+    seq_len = batch["tokens"].shape[SEQUENCE_DIM]
+    sharded = {}
+    for key, value in batch.items():
+        is_token_field = torch.is_tensor(value) and value.dim() >= 2 and value.shape[SEQUENCE_DIM] == seq_len
+        sharded[key] = context_parallel_chunks(value, ctx.cp, ctx.cp_rank) if is_token_field else value
+    return sharded

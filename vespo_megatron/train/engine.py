@@ -1,0 +1,215 @@
+"""Model + DDP + optimizer + LR schedule, and one training step through Megatron's schedules.
+
+``build_engine`` wraps this rank's model chunks in Megatron ``DistributedDataParallel`` (fp32 gradient
+reduction, optional overlap and distributed optimizer), builds Megatron's optimizer (Adam; on CPU
+Megatron falls back to ``torch.optim.AdamW`` by itself) and its LR scheduler, and wires the config
+hooks the schedules need. ``Engine.train_step`` runs ``get_forward_backward_func`` over a list of
+micro-batches (PP/VPP aware), then the optimizer; ``Engine.forward_only`` runs the same schedule
+without backward (old-policy and reference log-probs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from vespo_megatron.config import Config
+from vespo_megatron.models.gpt import BuiltModel, build_model, count_parameters
+from vespo_megatron.runtime.distributed import ParallelContext
+from vespo_megatron.train.megatron_loss import LossHead, make_forward_step
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (reduced over micro-batches and data-parallel ranks)."""
+
+    metrics: dict[str, float]
+    grad_norm: Optional[float]
+    skipped: bool
+    lr: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _ddp_wrap(config: Config, built: BuiltModel) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    opt = config.optimizer
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=opt.overlap_grad_reduce,
+        use_distributed_optimizer=opt.use_distributed_optimizer,
+        overlap_param_gather=opt.overlap_param_gather,
+        check_for_nan_in_grad=True,
+    )
+    wrapped = []
+    for index, chunk in enumerate(built.chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=built.tconfig,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Only the first chunk's buckets start reducing during backward (Megatron's rule).
+                disable_bucketing=index > 0,
+            )
+        )
+    return wrapped
+
+
+def _optimizer(config: Config, chunks: list):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt = config.optimizer
+    bf16 = config.model.dtype == "bf16"
+    mconfig = OptimizerConfig(
+        optimizer="adam",
+        lr=opt.lr,
+        min_lr=opt.min_lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1,
+        adam_beta2=opt.adam_beta2,
+        adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=opt.use_distributed_optimizer,
+        overlap_param_gather=opt.overlap_param_gather,
+    )
+    return get_megatron_optimizer(mconfig, chunks, use_gloo_process_groups=False)
+
+
+def _scheduler(config: Config, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = config.optimizer
+    steps = max(config.train.steps, 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if opt.lr_warmup_steps else opt.lr,
+        max_lr=opt.lr,
+        min_lr=opt.min_lr,
+        lr_warmup_steps=opt.lr_warmup_steps,
+        lr_decay_steps=max(steps, opt.lr_warmup_steps + 1),
+        lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay,
+        end_wd=opt.weight_decay,
+        wd_incr_steps=steps,
+        wd_incr_style="constant",
+    )
+
+
+def _wire_model_config(built: BuiltModel, chunks: list, optimizer_config) -> None:
+    from megatron.core.distributed import finalize_model_grads
+
+    tconfig = built.tconfig
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    no_sync = [chunk.no_sync for chunk in chunks]
+    tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if optimizer_config.overlap_param_gather and optimizer_config.use_distributed_optimizer:
+        starts = [chunk.start_param_sync for chunk in chunks]
+        tconfig.param_sync_func = starts[0] if len(starts) == 1 else starts
+
+
+@dataclass
+class Engine:
+    """Everything one rank needs to train: parallel context, DDP chunks, optimizer, scheduler."""
+
+    config: Config
+    ctx: ParallelContext
+    built: BuiltModel
+    chunks: list
+    optimizer: Any
+    scheduler: Any
+    iteration: int = 0
+
+    @property
+    def num_parameters_local(self) -> int:
+        return count_parameters(self.chunks)
+
+    def _run_schedule(self, micro_batches: list[dict], loss_head: LossHead, forward_only: bool,
+                      emit_hidden_states: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not micro_batches:
+            raise ValueError("a step needs at least one micro-batch")
+        forward_backward = get_forward_backward_func()
+        iterators = [iter(micro_batches) for _ in self.chunks]
+        seq_length = micro_batches[0]["tokens"].shape[1] * self.ctx.cp
+        return forward_backward(
+            forward_step_func=make_forward_step(loss_head, emit_hidden_states),
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=forward_only,
+        )
+
+    def train_step(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = False
+                   ) -> StepResult:
+        """Forward/backward over ``micro_batches`` (this rank's share), then one optimizer step."""
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        started = time.perf_counter()
+        reported = self._run_schedule(micro_batches, loss_head, forward_only=False,
+                                      emit_hidden_states=emit_hidden_states)
+        backward_done = time.perf_counter()
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        self.iteration += 1
+        finished = time.perf_counter()
+        return StepResult(
+            metrics=self.reduce_reported(reported),
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            skipped=not update_ok,
+            lr=self.optimizer.param_groups[0]["lr"],
+            seconds={"forward_backward": backward_done - started, "optimizer": finished - backward_done},
+        )
+
+    def forward_only(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = True
+                     ) -> list[dict]:
+        """Run the schedule without backward; returns the last stage's per-micro-batch reports."""
+        with torch.no_grad():
+            return self._run_schedule(micro_batches, loss_head, forward_only=True,
+                                      emit_hidden_states=emit_hidden_states)
+
+    def reduce_reported(self, reported: list[dict]) -> dict[str, float]:
+        """Sum each reported ``[value, count]`` pair over micro-batches and DP x CP ranks; return value / count.
+
+        Reports live on the last pipeline stage; they are broadcast to the whole pipeline so every
+        rank returns the same metrics.
+        """
+        import torch.distributed as dist
+
+        names = sorted(reported[0]) if reported else []
+        totals = torch.zeros(len(names), 2, dtype=torch.float64)
+        for item in reported:
+            for row, name in enumerate(names):
+                pair = item[name].double()
+                totals[row] += pair if pair.numel() == 2 else torch.stack([pair.sum(), torch.ones(())])
+        if self.ctx.pp > 1:
+            count = torch.tensor([len(names)], dtype=torch.int64)
+            last = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1)
+            dist.broadcast(count, src=last, group=self.ctx.pp_group)
+            if not self.ctx.is_last_stage:
+                totals = torch.zeros(int(count.item()), 2, dtype=torch.float64)
+            names_holder = [names]
+            dist.broadcast_object_list(names_holder, src=last, group=self.ctx.pp_group)
+            names = names_holder[0]
+            dist.broadcast(totals, src=last, group=self.ctx.pp_group)
+        dist.all_reduce(totals, group=self.ctx.dp_cp_group)
+        return {name: float(totals[row, 0] / max(totals[row, 1], 1e-12)) for row, name in enumerate(names)}
+
+
+def build_engine(config: Config, ctx: ParallelContext, vocab_size: int) -> Engine:
+    """Model chunks for this rank, wrapped for data parallelism, with optimizer and LR schedule."""
+    built = build_model(config, vocab_size)
+    chunks = _ddp_wrap(config, built)
+    optimizer = _optimizer(config, chunks)
+    _wire_model_config(built, chunks, config.optimizer)
+    scheduler = _scheduler(config, optimizer)
+    return Engine(config=config, ctx=ctx, built=built, chunks=chunks, optimizer=optimizer, scheduler=scheduler)
