@@ -102,6 +102,7 @@ def shim_cuda_rng_states_tracker() -> None:
                 raise RuntimeError(f"seed {seed} already exists")
             if name in self.states_:
                 raise RuntimeError(f"cuda rng state {name} already exists")
+            self._is_initialized = True
             saved = torch.get_rng_state()
             torch.manual_seed(seed)
             self.seeds_.add(seed)
