@@ -79,9 +79,17 @@ def chunk_bounds(num_tokens: int, chunk_size: int):
     return [(start, min(start + chunk_size, num_tokens)) for start in range(0, num_tokens, chunk_size)]
 
 
-def shard_logits(hidden_rows: torch.Tensor, weight_c: torch.Tensor) -> torch.Tensor:
-    """``[n, V/TP]`` logits of this shard in the compute dtype of ``weight_c``."""
-    return hidden_rows.to(weight_c.dtype) @ weight_c.t()
+def shard_logits(hidden_rows: torch.Tensor, weight_c: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``[n, V/TP]`` logits of this shard, written into the first ``n`` rows of ``buffer``.
+
+    Reusing one chunk buffer avoids allocating (and page-faulting) a fresh chunk of logits per chunk.
+    """
+    out = buffer[: hidden_rows.shape[0]]
+    return torch.mm(hidden_rows.to(weight_c.dtype), weight_c.t(), out=out)
+
+
+def logits_buffer(weight_c: torch.Tensor, num_tokens: int, chunk_size: int) -> torch.Tensor:
+    return weight_c.new_empty(min(chunk_size, max(num_tokens, 1)), weight_c.shape[0])
 
 
 def local_targets(targets_rows: torch.Tensor, vocab_start: int, shard_size: int):
@@ -91,10 +99,14 @@ def local_targets(targets_rows: torch.Tensor, vocab_start: int, shard_size: int)
     return rel.clamp(0, shard_size - 1), in_shard
 
 
-def shard_token_stats(logits: torch.Tensor, rel_targets, in_shard):
-    """Per-token logsumexp over this shard, and the target logit (0 when the target is elsewhere)."""
-    lse = torch.logsumexp(logits, dim=-1)
+def shard_token_stats_(logits: torch.Tensor, rel_targets, in_shard):
+    """Per-token logsumexp over this shard, and the target logit (0 when the target is elsewhere).
+
+    Overwrites ``logits`` (with ``exp(z - max)``) to keep the chunk's memory to one buffer.
+    """
     target_logit = logits.gather(1, rel_targets[:, None]).squeeze(1) * in_shard
+    row_max = logits.amax(dim=1)
+    lse = logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
     return lse, target_logit
 
 
@@ -114,10 +126,12 @@ def chunked_token_stats(hidden_flat, weight_c, targets_flat, rows, *, vocab_star
     num = hidden_flat.shape[0] if rows is None else rows.numel()
     lse = torch.empty(num, dtype=weight_c.dtype, device=weight_c.device)
     target_logit = torch.empty_like(lse)
+    buffer = logits_buffer(weight_c, num, chunk_size)
     for start, end in chunk_bounds(num, chunk_size):
         h_rows, t_rows = _take(hidden_flat, targets_flat, rows, start, end)
         rel, in_shard = local_targets(t_rows, vocab_start, weight_c.shape[0])
-        lse[start:end], target_logit[start:end] = shard_token_stats(shard_logits(h_rows, weight_c), rel, in_shard)
+        logits = shard_logits(h_rows, weight_c, buffer)
+        lse[start:end], target_logit[start:end] = shard_token_stats_(logits, rel, in_shard)
     return lse, target_logit
 
 
@@ -131,10 +145,12 @@ def chunked_grads(hidden_flat, weight_c, targets_flat, rows, lse_full, coef, *, 
     num = hidden_flat.shape[0] if rows is None else rows.numel()
     grad_hidden = torch.zeros_like(hidden_flat) if need_hidden else None
     grad_weight = torch.zeros_like(weight_c) if need_weight else None
+    buffer = logits_buffer(weight_c, num, chunk_size)
     for start, end in chunk_bounds(num, chunk_size):
         h_rows, t_rows = _take(hidden_flat, targets_flat, rows, start, end)
         rel, in_shard = local_targets(t_rows, vocab_start, weight_c.shape[0])
-        dz = logits_grad_(shard_logits(h_rows, weight_c), lse_full[start:end], coef[start:end], rel, in_shard)
+        logits = shard_logits(h_rows, weight_c, buffer)
+        dz = logits_grad_(logits, lse_full[start:end], coef[start:end], rel, in_shard)
         if need_hidden:
             dh = (dz @ weight_c).to(grad_hidden.dtype)
             if rows is None:
