@@ -17,6 +17,9 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vespo_megatron.loss.kernel import CorrectionParams
+from vespo_megatron.loss.policy import CispoParams, GrpoParams, GspoParams, SapoParams, VespoParams
+
 
 class ConfigError(ValueError):
     """A configuration value (or combination) that cannot run; the message says how to fix it."""
@@ -139,7 +142,9 @@ class ModelConfig:
     """Grouped GEMM experts (needs bf16)."""
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_seq_length"):
+        for name in (
+            "num_layers", "hidden_size", "num_attention_heads", "max_seq_length", "make_vocab_size_divisible_by"
+        ):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"model.{name}={value!r} must be an integer >= 1")
         _require(
@@ -162,6 +167,22 @@ class ModelConfig:
             _require(
                 not self.moe_grouped_gemm or self.dtype == "bf16",
                 "model.moe_grouped_gemm=true needs model.dtype=bf16; set dtype=bf16 or moe_grouped_gemm=false",
+            )
+            # Megatron refuses top-1 routing with a post-top-k softmax (the gate gradient would be zero).
+            _require(
+                self.moe_router_topk >= 2,
+                f"model.moe_router_topk={self.moe_router_topk} is not supported (Megatron needs a pre-top-k "
+                "softmax for top-1 routing); use moe_router_topk >= 2",
+            )
+            shared = self.moe_shared_expert_intermediate_size
+            _require(
+                shared is None or shared >= 1,
+                f"model.moe_shared_expert_intermediate_size={shared} must be >= 1 (or null for no shared expert)",
+            )
+            _require(
+                shared is None or not self.add_bias_linear,
+                "model.moe_shared_expert_intermediate_size is set with model.add_bias_linear=true; Megatron's shared "
+                "expert has no bias: set add_bias_linear=false or moe_shared_expert_intermediate_size=null",
             )
 
     @property
@@ -280,6 +301,110 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class LossConfig:
+    """The policy loss: its name, aggregation, the train/inference correction and each loss's parameters."""
+
+    name: Literal["vespo", "grpo", "gspo", "sapo", "cispo"] = "vespo"
+    """Loss from the registry (vespo_megatron.loss.policy); docs/loss.md has every formula."""
+    aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """Normaliser over the whole update (all micro-batches, all data-parallel ranks)."""
+    chunk_size: int = 1024
+    """Tokens whose vocabulary-parallel logits are materialised at once in the loss."""
+    correction: CorrectionParams = field(default_factory=CorrectionParams)
+    """Train/inference correction between the trainer's old-policy log-probs and the sampler's."""
+    vespo: VespoParams = field(default_factory=VespoParams)
+    """VESPO kernel parameters (k, lambda per advantage sign; length_normalize ablation)."""
+    grpo: GrpoParams = field(default_factory=GrpoParams)
+    """GRPO token clip parameters."""
+    gspo: GspoParams = field(default_factory=GspoParams)
+    """GSPO sequence-ratio clip parameters."""
+    sapo: SapoParams = field(default_factory=SapoParams)
+    """SAPO soft-gate temperatures."""
+    cispo: CispoParams = field(default_factory=CispoParams)
+    """CISPO IS-weight clip parameters."""
+
+    def __post_init__(self) -> None:
+        _require(self.chunk_size >= 1, f"loss.chunk_size={self.chunk_size} must be >= 1")
+
+    def params(self):
+        """The selected loss's parameters, carrying ``loss.correction``."""
+        return dataclasses.replace(getattr(self, self.name), correction=self.correction)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How responses are produced for each RL step."""
+
+    source: Literal["model", "jsonl"] = "model"
+    """'model': sample with the Megatron policy itself; 'jsonl': read an inference engine's rollouts."""
+    jsonl_path: Optional[str] = None
+    """With source=jsonl: file of {prompt_tokens, response_tokens, sampler_logprobs, reward?, ...} lines."""
+    prompts_per_step: int = 8
+    """Prompts per RL step (over all data-parallel ranks)."""
+    group_size: int = 4
+    """Responses sampled per prompt (the GRPO group)."""
+    max_new_tokens: int = 8
+    """Response budget in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer's log-probs use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1.0 disables it."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables it."""
+    routing_replay: bool = False
+    """MoE: record each token's experts when computing behaviour log-probs and replay them in training."""
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")
+        _require(self.group_size >= 1, f"rollout.group_size={self.group_size} must be >= 1")
+        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
+        _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
+        _require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 disables it)")
+        _require(
+            self.source != "jsonl" or bool(self.jsonl_path),
+            "rollout.source=jsonl needs rollout.jsonl_path=<file of external rollouts>",
+        )
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """The RL loop: advantages, staleness and asynchrony."""
+
+    num_minibatches: int = 1
+    """N: each rollout batch is split into N mini-batches applied in sequence (the staleness knob)."""
+    async_lag: int = 0
+    """K: rollouts come from the policy as it was K optimizer updates ago (simulated asynchrony)."""
+    std_normalize_advantages: bool = True
+    """Divide group-centred rewards by the group's std (GRPO); false keeps mean-centring only."""
+    filter_uniform_groups: bool = False
+    """Drop groups whose rewards are all equal (they carry no advantage signal)."""
+    sft_warmup_steps: int = 0
+    """Supervised steps on the task's reference answers before RL starts."""
+    sft_lr: Optional[float] = None
+    """Learning rate of the warm-up; None uses optimizer.lr."""
+    eval_prompts: int = 0
+    """Greedy evaluation on this many held-out prompts before and after training (0 disables it)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")
+        _require(self.async_lag >= 0, f"rl.async_lag={self.async_lag} must be >= 0")
+        _require(self.sft_warmup_steps >= 0, f"rl.sft_warmup_steps={self.sft_warmup_steps} must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """Prompts and verifiable rewards."""
+
+    name: Literal["arithmetic", "math", "jsonl"] = "arithmetic"
+    """Task from vespo_megatron.tasks (docs/tasks.md)."""
+    options: dict = field(default_factory=dict)
+    """Keyword options of the task (e.g. max_operand for arithmetic, path and reward_fn for jsonl)."""
+    tokenizer: Optional[str] = None
+    """sentencepiece model file; None uses the tiny model shipped with the package."""
+
+
+@dataclass(kw_only=True)
 class Config:
     """A whole run."""
 
@@ -289,6 +414,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     @property
     def seq_length(self) -> int:
@@ -407,6 +536,12 @@ def _validate_experts(par: ParallelConfig, model: ModelConfig, world_size: int) 
         expert_ffn % par.expert_tp == 0,
         f"model.moe_ffn_hidden_size={expert_ffn} is not divisible by parallel.etp={par.expert_tp}",
     )
+    shared = model.moe_shared_expert_intermediate_size
+    _require(
+        shared is None or shared % par.tp == 0,
+        f"model.moe_shared_expert_intermediate_size={shared} is not divisible by parallel.tp={par.tp} "
+        "(the shared expert is tensor-parallel like a dense MLP)",
+    )
 
 
 def _validate_batch(config: Config, world_size: int) -> None:
@@ -430,6 +565,20 @@ def _validate_batch(config: Config, world_size: int) -> None:
         config.seq_length <= config.model.max_seq_length,
         f"train.seq_length={config.seq_length} exceeds model.max_seq_length={config.model.max_seq_length}",
     )
+    # The batches are padded to train.seq_length, which the model.max_seq_length checks do not cover.
+    par, seq = config.parallel, config.seq_length
+    if par.cp > 1:
+        _require(
+            seq % (2 * par.cp) == 0,
+            f"train.seq_length={seq} must be divisible by 2*parallel.cp={2 * par.cp} "
+            "(context parallelism splits every sequence into 2*cp chunks)",
+        )
+    if par.sequence_parallel:
+        _require(
+            seq % (par.tp * par.cp) == 0,
+            f"train.seq_length={seq} must be divisible by parallel.tp*cp={par.tp * par.cp} with "
+            "sequence_parallel=true (each tensor-parallel rank holds seq_length/(tp*cp) tokens)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,6 +607,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         _require(isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer")
         return value
     if annotation is float:
+        # YAML 1.1 reads exponents without a dot (1e-6, 3e-4) as strings; accept them as numbers.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _require(
             isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}={value!r} must be a number"
         )
