@@ -1,0 +1,185 @@
+"""The launchers in launch/ start a real distributed run: torchrun on two "nodes", and SLURM batch jobs.
+
+The SLURM tests bring up a one-node cluster on this machine with launch/local_slurm.sh (installing the
+Debian packages when they are missing), submit launch/slurm.sbatch, and check a signalled job checkpoints,
+requeues and resumes. The command the launchers run is ``TRAINER_ARGS``: today the stand-in
+tests/e2e/fake_trainer.py; switching to the real CLI means dropping ``--script`` and passing a real config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+FAKE_TRAINER = REPO / "tests" / "e2e" / "fake_trainer.py"
+# Launcher options that pick the program torchrun runs; empty list = the real `vespo_megatron.cli train`.
+TRAINER_ARGS = ["--script", str(FAKE_TRAINER)]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(tmp: Path, steps: int, step_seconds: float) -> tuple[Path, Path, Path]:
+    """A config for the stand-in trainer; returns (config, run_dir, checkpoint_dir)."""
+    run_dir, ckpt_dir = tmp / "run", tmp / "ckpt"
+    config = {
+        "train": {"steps": steps, "step_seconds": step_seconds},
+        "checkpoint": {"dir": str(ckpt_dir), "interval": 0},
+        "logging": {"run_dir": str(run_dir)},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, run_dir, ckpt_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint_step(ckpt_dir: Path) -> int:
+    return json.loads((ckpt_dir / "latest.json").read_text())["step"]
+
+
+def test_torchrun_two_nodes_on_localhost(tmp_path):
+    config, run_dir, ckpt_dir = write_config(tmp_path, steps=5, step_seconds=0.0)
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [str(LAUNCH / "torchrun.sh"), "--nnodes", "2", "--node-rank", str(node_rank),
+             "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             *TRAINER_ARGS, str(config)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node_rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=90)[0] for proc in procs]
+    for node_rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"node {node_rank} exited {proc.returncode}:\n{out}"
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(5))
+    assert all(m["world_size"] == 2 and m["allreduce"] == 2.0 for m in metrics)
+    assert checkpoint_step(ckpt_dir) == 5
+
+
+# ----------------------------------------------------------------------------------------------- SLURM
+
+
+def _run(cmd: list[str], env: dict, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory):
+    """A running one-node SLURM cluster; yields the environment for its client commands."""
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is absent, so launch/local_slurm.sh cannot install SLURM on this machine")
+    harness = [str(LAUNCH / "local_slurm.sh"), "--dir", str(tmp_path_factory.mktemp("slurm")),
+               "--ctld-port", str(free_port()), "--slurmd-port", str(free_port())]
+    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
+        done = subprocess.run([*harness, "install"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"local_slurm.sh install failed:\n{done.stdout}\n{done.stderr}"
+    started = subprocess.run([*harness, "start"], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        subprocess.run([*harness, "stop"], capture_output=True, text=True)
+        pytest.fail(f"local SLURM did not start:\n{started.stdout}\n{started.stderr}")
+    env = dict(os.environ)
+    for line in started.stdout.splitlines():
+        if line.startswith("export SLURM_CONF="):
+            env["SLURM_CONF"] = line.split("=", 1)[1]
+    assert "SLURM_CONF" in env, started.stdout
+    yield env
+    stopped = subprocess.run([*harness, "stop"], capture_output=True, text=True)
+    assert stopped.returncode == 0, stopped.stderr
+
+
+def job_fields(job_id: str, env: dict) -> dict[str, str]:
+    out = _run(["scontrol", "show", "job", "-o", job_id], env).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def sbatch_cmd(tmp: Path, config: Path, *sbatch_opts: str) -> list[str]:
+    return [
+        "sbatch", "--nodes=1", "--cpus-per-task=2", f"--chdir={REPO}", f"--output={tmp}/sbatch-%j.out",
+        *sbatch_opts, str(LAUNCH / "slurm.sbatch"),
+        "--nproc-per-node", "2", "--log-root", str(tmp / "logs"), *TRAINER_ARGS, str(config),
+    ]
+
+
+def job_log(tmp: Path) -> str:
+    return "\n".join(f"----- {p}\n{p.read_text()}" for p in sorted(tmp.rglob("*.out")))
+
+
+def test_slurm_batch_run(slurm_env, tmp_path):
+    config, run_dir, ckpt_dir = write_config(tmp_path, steps=4, step_seconds=0.0)
+    done = _run([*sbatch_cmd(tmp_path, config, "--wait", "--job-name=vespo-test")], slurm_env, timeout=120)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{job_log(tmp_path)}"
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(4)), job_log(tmp_path)
+    assert all(m["world_size"] == 2 and m["allreduce"] == 2.0 for m in metrics)
+    assert checkpoint_step(ckpt_dir) == 4
+    job_id = done.stdout.split()[-1]
+    assert (tmp_path / "logs" / f"vespo-test-{job_id}" / "node-0.out").exists()
+
+
+def wait_for(predicate, timeout_s: float, what: str, log=lambda: ""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{log()}")
+
+
+def test_slurm_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
+    steps = 16
+    config, run_dir, ckpt_dir = write_config(tmp_path, steps=steps, step_seconds=0.4)
+    submitted = _run([*sbatch_cmd(tmp_path, config, "--parsable", "--job-name=vespo-requeue")], slurm_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    log = lambda: job_log(tmp_path)  # noqa: E731
+
+    wait_for(lambda: len(read_metrics(run_dir)) >= 3, 60, "three training steps", log)
+    # What SLURM does at `--signal=B:USR1@T` before the time limit: signal the batch shell only.
+    signalled = _run(["scancel", "--signal=USR1", "--batch", job_id], slurm_env)
+    assert signalled.returncode == 0, signalled.stderr
+
+    wait_for(lambda: job_fields(job_id, slurm_env).get("Restarts") == "1", 60, "the requeue", log)
+    # SLURM holds a requeued job for about two minutes (its BeginTime); release it now.
+    _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], slurm_env)
+    final = wait_for(
+        lambda: (s := job_fields(job_id, slurm_env).get("JobState")) in {"COMPLETED", "FAILED", "CANCELLED"} and s,
+        90, "the requeued job to finish", log,
+    )
+    assert final == "COMPLETED", log()
+
+    metrics = read_metrics(run_dir)
+    first = [m for m in metrics if m["restart"] == 0]
+    second = [m for m in metrics if m["restart"] == 1]
+    assert first and second, log()
+    saved_step = first[-1]["step"] + 1
+    assert saved_step < steps, "the signal arrived after training had finished"
+    assert [m["step"] for m in first] == list(range(saved_step))
+    # The requeued run resumes from the saved step instead of starting again at 0.
+    assert all(m["resumed_from"] == saved_step for m in second)
+    assert [m["step"] for m in second] == list(range(saved_step, steps))
+    assert checkpoint_step(ckpt_dir) == steps
+    assert "requeueing job" in log()
