@@ -439,6 +439,7 @@ def validate(config: Config, world_size: int) -> None:
     _validate_model_split(config.parallel, config.model)
     _validate_experts(config.parallel, config.model, world_size)
     _validate_batch(config, world_size)
+    _validate_rl(config, world_size)
 
 
 def _validate_grid(par: ParallelConfig, world_size: int) -> None:
@@ -579,6 +580,45 @@ def _validate_batch(config: Config, world_size: int) -> None:
             f"train.seq_length={seq} must be divisible by parallel.tp*cp={par.tp * par.cp} with "
             "sequence_parallel=true (each tensor-parallel rank holds seq_length/(tp*cp) tokens)",
         )
+
+
+def _validate_rl(config: Config, world_size: int) -> None:
+    dp = config.parallel.dp(world_size)
+    rollout, rl, micro = config.rollout, config.rl, config.train.micro_batch_size
+    _require(
+        rollout.prompts_per_step % dp == 0,
+        f"rollout.prompts_per_step={rollout.prompts_per_step} is not divisible by the data-parallel size {dp}; "
+        "every data-parallel rank samples its own share of prompts",
+    )
+    sequences = rollout.prompts_per_step * rollout.group_size // dp
+    per_update = rl.num_minibatches * micro
+    _require(
+        sequences % per_update == 0,
+        f"each data-parallel rank holds rollout.prompts_per_step*group_size/dp = {sequences} sequences per step, "
+        f"not divisible by rl.num_minibatches*train.micro_batch_size = {rl.num_minibatches}*{micro}; "
+        "change prompts_per_step, group_size, num_minibatches or micro_batch_size",
+    )
+    if config.parallel.vpp:
+        micro_per_update = sequences // per_update
+        _require(
+            micro_per_update % config.parallel.pp == 0,
+            f"the interleaved schedule needs micro-batches per RL update ({micro_per_update}) to be a multiple of "
+            f"parallel.pp={config.parallel.pp}",
+        )
+    _require(
+        not (config.loss.name == "gspo" and config.parallel.cp > 1),
+        "loss.name=gspo needs each sequence's mean log-ratio on one rank; it does not support parallel.cp > 1 "
+        "(use vespo, grpo, sapo or cispo with context parallelism)",
+    )
+    _require(
+        config.loss.correction.level == "sequence" or config.loss.name != "vespo",
+        "loss.correction.level=token is not available with loss.name=vespo, whose sequence-parallel path only "
+        "has per-sequence sums; use loss.correction.level=sequence",
+    )
+    _require(
+        not rollout.routing_replay or config.model.is_moe,
+        "rollout.routing_replay=true needs an MoE model (model.num_experts is null)",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
