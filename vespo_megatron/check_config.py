@@ -1,6 +1,6 @@
 """``vespo-megatron check-config CONFIG --nodes N --gpus-per-node G``: check a layout before launching it.
 
-Validates the config for ``N * G`` ranks without creating a process group (no torch import), then
+Validates the config for ``N * G`` ranks without creating a process group (no Megatron import), then
 prints the rank grid Megatron will build, the parameters each rank holds, the per-GPU memory estimate
 of every pipeline stage and the loss's communication per optimizer update. Exit status: 0 when the
 layout is valid and the estimate fits ``--gpu-memory-gb``, 2 on an invalid config (the ConfigError

@@ -126,7 +126,7 @@ vespo-megatron check-config CONFIG --nodes N --gpus-per-node G [--gpu-memory-gb 
 python -m vespo_megatron.check_config CONFIG --nodes N --gpus-per-node G ...
 ```
 
-It validates the config for `N * G` ranks without starting process groups (no torch import) and prints
+It validates the config for `N * G` ranks without starting process groups (no Megatron import) and prints
 
 - the rank grid Megatron-Core builds (order `tp-cp-ep-dp-pp`): every process-group kind with its count
   and size and the first groups, and which kinds span nodes (a warning when tp, cp or etp groups do);

@@ -29,7 +29,7 @@ Memory per GPU (bytes, per pipeline stage; the worst stage is what must fit):
 
   A stage holds ``L / pp`` layers for ``min(pp, micro-batches)`` micro-batches in flight under 1F1B
   (times ``1 + (pp - 1) / (pp * vpp)`` when interleaved), plus the last stage's chunked log-prob
-  logits (``chunk x V/tp`` fp32, twice: logits and their softmax). Element sizes are 2 bytes (bf16) or
+  logits (``loss.chunk_size x V/tp`` fp32, twice: logits and their softmax). Element sizes are 2 bytes (bf16) or
   4 (fp32). Rollout KV caches and the CUDA/NCCL context are not included (``overhead_gb`` is added
   as a flat allowance).
 
@@ -205,11 +205,12 @@ def estimate_memory(
     vocab_size: int,
     *,
     grad_reduce_in_fp32: bool = True,
-    logprob_chunk_tokens: int = 1024,
+    logprob_chunk_tokens: int | None = None,
     overhead_gb: float = 2.0,
 ) -> list[MemoryEstimate]:
     """Per-GPU memory of each pipeline stage (formulas in the module docstring)."""
     par, model = config.parallel, config.model
+    chunk = logprob_chunk_tokens or config.loss.chunk_size
     bf16 = model.dtype == "bf16"
     width = 2 if bf16 else 4
     grad_width = 4 if (not bf16 or grad_reduce_in_fp32) else 2
@@ -225,7 +226,7 @@ def estimate_memory(
     for stage in parameters_per_rank(config, vocab_size):
         activations = per_layer * model.num_layers // par.pp * in_flight
         if stage.pp_rank == par.pp - 1:
-            activations += 2 * min(logprob_chunk_tokens, config.seq_length * config.train.micro_batch_size) * (
+            activations += 2 * min(chunk, config.seq_length * config.train.micro_batch_size) * (
                 padded // par.tp
             ) * 4
         optimizer = adam_width * (stage.dense / dense_shards + stage.expert / expert_shards)

@@ -208,6 +208,8 @@ def test_shipped_model_shapes():
     assert (moe.parallel.tp, moe.parallel.sequence_parallel, moe.parallel.ep, moe.parallel.expert_tp) == (
         2, True, 8, 1)
     assert moe.parallel.pp == 1 and moe.optimizer.use_distributed_optimizer and moe.optimizer.lr == 1e-6
+    assert (moe.rollout.prompts_per_step, moe.rollout.group_size, moe.rl.num_minibatches) == (256, 8, 4)
+    assert moe.rollout.prompts_per_step * moe.rollout.group_size // moe.rl.num_minibatches == moe.train.global_batch_size
     dense = load_config(CONFIGS / "qwen3_8b_dense.yaml")
     assert (dense.model.num_layers, dense.model.ffn_hidden_size, dense.model.tie_embeddings) == (36, 12288, False)
     llama = load_config(CONFIGS / "llama3_2_3b_dense.yaml")

@@ -215,14 +215,16 @@ def test_check_config_json(capsys):
     assert bad["ok"] is False and "parallel.etp*ep*pp" in bad["error"]
 
 
-def test_check_config_does_not_import_torch():
+def test_check_config_needs_no_megatron_or_process_group():
     import subprocess
     import sys
 
     code = (
         "import sys; from vespo_megatron.check_config import main; "
         f"rc = main([{str(CONFIGS / 'qwen3_30b_a3b_moe.yaml')!r}, '--nodes', '4', '--gpus-per-node', '8']); "
-        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+        "assert 'megatron' not in sys.modules, 'megatron imported'; "
+        "dist = sys.modules.get('torch.distributed'); "
+        "assert dist is None or not dist.is_initialized(); sys.exit(rc)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
