@@ -110,17 +110,6 @@ def shard_token_stats_(logits: torch.Tensor, rel_targets, in_shard):
     return lse, target_logit
 
 
-def logits_grad_(logits: torch.Tensor, lse_full, coef, rel_targets, in_shard) -> torch.Tensor:
-    """Overwrite ``logits`` with ``coef_t * (onehot(y_t) - softmax_t)`` restricted to this shard.
-
-    ``lse_full`` is the logsumexp over the whole vocabulary, so ``exp(z - lse_full)`` is this shard's
-    slice of the full softmax.
-    """
-    logits.sub_(lse_full[:, None]).exp_().mul_(-coef[:, None])
-    logits.scatter_add_(1, rel_targets[:, None], (coef * in_shard)[:, None])
-    return logits
-
-
 def chunked_token_stats(hidden_flat, weight_c, targets_flat, rows, *, vocab_start, chunk_size):
     """``(lse_local, target_logit)`` for the token rows ``rows`` of ``hidden_flat`` (``None`` = all)."""
     num = hidden_flat.shape[0] if rows is None else rows.numel()
@@ -137,29 +126,47 @@ def chunked_token_stats(hidden_flat, weight_c, targets_flat, rows, *, vocab_star
 
 def chunked_grads(hidden_flat, weight_c, targets_flat, rows, lse_full, coef, *, vocab_start, chunk_size,
                   need_hidden: bool, need_weight: bool):
-    """Recompute each chunk's logits and return ``(grad_hidden_flat, grad_weight)`` (either may be None).
+    """Recompute each chunk's softmax and return ``(grad_hidden_flat, grad_weight)`` (either may be None).
 
-    ``grad_hidden_flat`` has the shape of ``hidden_flat`` (zero on rows outside ``rows``) and is this TP
-    rank's partial; ``grad_weight`` covers this shard's rows, summed over the tokens this rank holds.
+    With ``dz_t = coef_t * (onehot(y_t) - p_t)`` never formed:
+    ``grad_h_t = coef_t * (W[y_t] - p_t @ W)`` and ``grad_W = sum_t coef_t (onehot(y_t) - p_t)^T h_t``,
+    so the coefficient scales ``[n, h]`` rows instead of the ``[n, V/TP]`` chunk, and the chunk sees a
+    single elementwise pass (the exp). ``grad_hidden_flat`` has the shape of ``hidden_flat`` (zero on rows
+    outside ``rows``) and is this TP rank's partial; ``grad_weight`` covers this shard's rows.
     """
     num = hidden_flat.shape[0] if rows is None else rows.numel()
     grad_hidden = torch.zeros_like(hidden_flat) if need_hidden else None
     grad_weight = torch.zeros_like(weight_c) if need_weight else None
+    weight_aug = lse_shifted_weight(weight_c)
     buffer = logits_buffer(weight_c, num, chunk_size)
     for start, end in chunk_bounds(num, chunk_size):
         h_rows, t_rows = _take(hidden_flat, targets_flat, rows, start, end)
+        h_rows = h_rows.to(weight_c.dtype)
         rel, in_shard = local_targets(t_rows, vocab_start, weight_c.shape[0])
-        logits = shard_logits(h_rows, weight_c, buffer)
-        dz = logits_grad_(logits, lse_full[start:end], coef[start:end], rel, in_shard)
+        softmax = shard_softmax_(h_rows, lse_full[start:end], weight_aug, buffer)
+        c = coef[start:end, None]
+        target_coef = c * in_shard[:, None]
         if need_hidden:
-            dh = (dz @ weight_c).to(grad_hidden.dtype)
+            dh = torch.mm(softmax, weight_c).mul_(-c).add_(weight_c.index_select(0, rel) * target_coef)
             if rows is None:
                 grad_hidden[start:end] = dh
             else:
-                grad_hidden.index_copy_(0, rows[start:end], dh)
+                grad_hidden.index_copy_(0, rows[start:end], dh.to(grad_hidden.dtype))
         if need_weight:
-            grad_weight.addmm_(dz.t(), h_rows.to(weight_c.dtype))
+            grad_weight.addmm_(softmax.t(), h_rows * c, alpha=-1)
+            grad_weight.index_add_(0, rel, h_rows * target_coef)
     return grad_hidden, grad_weight
+
+
+def lse_shifted_weight(weight_c: torch.Tensor) -> torch.Tensor:
+    """``[W, -1]``: with hidden rows ``[h_t, lse_t]`` one matmul yields ``z_t - lse_t`` directly."""
+    return torch.cat([weight_c, weight_c.new_full((weight_c.shape[0], 1), -1.0)], dim=1)
+
+
+def shard_softmax_(h_rows, lse_rows, weight_aug, buffer) -> torch.Tensor:
+    """This shard's slice of the full softmax, ``exp(z - lse_full)``, written into ``buffer``."""
+    h_aug = torch.cat([h_rows, lse_rows[:, None]], dim=1)
+    return shard_logits(h_aug, weight_aug, buffer).exp_()
 
 
 def _take(hidden_flat, targets_flat, rows, start, end):

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``vespo-megatron bench <what>``; each module exposes ``main(argv) -> int``."""
