@@ -40,6 +40,7 @@ class ParallelContext:
     rank: int
     tp: int
     tp_rank: int
+    sequence_parallel: bool
     pp: int
     pp_rank: int
     vpp: Optional[int]
@@ -134,6 +135,7 @@ def build_context(par: ParallelConfig, device: torch.device) -> ParallelContext:
         rank=dist.get_rank(),
         tp=par.tp,
         tp_rank=ps.get_tensor_model_parallel_rank(),
+        sequence_parallel=par.sequence_parallel,
         pp=par.pp,
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         vpp=par.vpp,

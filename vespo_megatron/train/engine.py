@@ -27,6 +27,8 @@ class StepResult:
     """What one optimizer step reports (reduced over micro-batches and data-parallel ranks)."""
 
     metrics: dict[str, float]
+    reported: list[dict]
+    """The last stage's raw per-micro-batch reports (empty on other stages)."""
     grad_norm: Optional[float]
     skipped: bool
     lr: float
@@ -147,9 +149,15 @@ class Engine:
             forward_only=forward_only,
         )
 
-    def train_step(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = False
-                   ) -> StepResult:
-        """Forward/backward over ``micro_batches`` (this rank's share), then one optimizer step."""
+    def train_step(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = False,
+                   lr: Optional[float] = None) -> StepResult:
+        """Forward/backward over ``micro_batches`` (this rank's share), then one optimizer step.
+
+        ``lr`` overrides the schedule for this step (supervised warm-up) and leaves the schedule as it is.
+        """
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -158,12 +166,13 @@ class Engine:
                                       emit_hidden_states=emit_hidden_states)
         backward_done = time.perf_counter()
         update_ok, grad_norm, _ = self.optimizer.step()
-        if update_ok:
+        if update_ok and lr is None:
             self.scheduler.step(increment=1)
-        self.iteration += 1
+            self.iteration += 1
         finished = time.perf_counter()
         return StepResult(
             metrics=self.reduce_reported(reported),
+            reported=reported,
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=not update_ok,
             lr=self.optimizer.param_groups[0]["lr"],
@@ -180,12 +189,13 @@ class Engine:
     def reduce_reported(self, reported: list[dict]) -> dict[str, float]:
         """Sum each reported ``[value, count]`` pair over micro-batches and DP x CP ranks; return value / count.
 
-        Reports live on the last pipeline stage; they are broadcast to the whole pipeline so every
+        Per-sequence (``seq/*``) and per-token (``tok/*``) vectors are left to the caller. Reports live on
+        the last pipeline stage; they are broadcast to the whole pipeline so every
         rank returns the same metrics.
         """
         import torch.distributed as dist
 
-        names = sorted(reported[0]) if reported else []
+        names = sorted(k for k in reported[0] if not k.startswith(("seq/", "tok/"))) if reported else []
         totals = torch.zeros(len(names), 2, dtype=torch.float64)
         for item in reported:
             for row, name in enumerate(names):

@@ -1,0 +1,1 @@
+"""The RL loop: rollouts, rewards, group advantages, stale mini-batch updates."""

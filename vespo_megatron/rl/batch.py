@@ -1,0 +1,96 @@
+"""One rollout's sequences as stale-policy training data, split into mini- and micro-batches.
+
+A :class:`Rollout` is what one data-parallel rank sampled in one step (or read from an inference
+engine's JSONL): right-padded sequences, where each response starts, the sampler's per-token log-probs,
+rewards and group advantages, and the old-policy log-prob sums computed right after sampling with the
+sampling weights (the behaviour policy mu of the VESPO weight). ``micro_batches`` turns a subset of its
+rows into the ``[b, s]`` dicts the Megatron schedule consumes, already split for context parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from vespo_megatron.train.batches import causal_lm_batch, shard_micro_batch
+
+
+@dataclass
+class Rollout:
+    """Sequences of one step on one data-parallel rank (all tensors on CPU)."""
+
+    sequences: torch.Tensor
+    """[n, seq_length + 1] prompt + response + padding."""
+    prompt_lengths: torch.Tensor
+    """[n]"""
+    response_lengths: torch.Tensor
+    """[n]"""
+    sampler_logprobs: torch.Tensor
+    """[n, seq_length + 1] the sampler's log-prob of each response token at its position."""
+    rewards: torch.Tensor
+    """[n]"""
+    advantages: torch.Tensor
+    """[n]"""
+    old_logprob_sums: Optional[torch.Tensor] = None
+    """[n] sum over the response of log pi_old (trainer weights at sampling time)."""
+    old_token_logprobs: Optional[torch.Tensor] = None
+    """[n, seq_length] per-label log pi_old (token-level losses only)."""
+    generated_lengths: Optional[torch.Tensor] = None
+    """[n] sampled response lengths before group filtering (for metrics)."""
+    behaviour_version: int = 0
+    """Optimizer updates applied before these sequences were sampled."""
+
+    @property
+    def size(self) -> int:
+        return int(self.sequences.shape[0])
+
+    def response_token_mask(self) -> torch.Tensor:
+        """[n, seq_length + 1] 1 on response tokens."""
+        positions = torch.arange(self.sequences.shape[1]).unsqueeze(0)
+        start = self.prompt_lengths.unsqueeze(1)
+        return ((positions >= start) & (positions < start + self.response_lengths.unsqueeze(1))).long()
+
+    def sampler_logprob_sums(self) -> torch.Tensor:
+        return (self.sampler_logprobs * self.response_token_mask()).sum(dim=1)
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = value[rows] if torch.is_tensor(value) else value
+        return Rollout(**picked)
+
+    def state_dict(self) -> dict:
+        """Tensors and ints only (safe to save and load with ``weights_only``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Rollout":
+        return cls(**state)
+
+
+def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, ctx) -> list[dict]:
+    """``[b, s]`` micro-batch dicts (CP-sharded) of ``rows``, with the per-sequence RL fields."""
+    if len(rows) % micro_batch_size:
+        raise ValueError(f"{len(rows)} rows are not divisible by micro_batch_size={micro_batch_size}")
+    mask = rollout.response_token_mask()
+    sampler_sums = rollout.sampler_logprob_sums()
+    batches = []
+    for chunk in rows.split(micro_batch_size):
+        batch = causal_lm_batch(rollout.sequences[chunk], mask[chunk])
+        batch["sampler_logprobs"] = rollout.sampler_logprobs[chunk][:, 1:].contiguous()
+        batch["advantages"] = rollout.advantages[chunk].float()
+        batch["response_lengths"] = rollout.response_lengths[chunk]
+        batch["sampler_logprob_sums"] = sampler_sums[chunk].float()
+        if rollout.old_logprob_sums is not None:
+            batch["old_logprob_sums"] = rollout.old_logprob_sums[chunk].float()
+        batches.append(shard_micro_batch(batch, ctx))
+    return batches
+
+
+def segment_ids(loss_mask: torch.Tensor) -> torch.Tensor:
+    """``[s, b]`` sequence index of every response label (its batch row), -1 elsewhere."""
+    rows = torch.arange(loss_mask.shape[0]).unsqueeze(1).expand_as(loss_mask)
+    return torch.where(loss_mask.bool(), rows, torch.full_like(rows, -1)).t().contiguous()

@@ -1,0 +1,264 @@
+"""The RL run: set-up, optional supervised warm-up, the step loop, metrics, checkpoints, resume.
+
+``run(config)`` is what ``vespo-megatron train`` calls on every rank (under torchrun or srun).
+The loop keeps a queue of rollouts to simulate asynchronous training faithfully: at every step one
+rollout is sampled with the current weights (and its old-policy log-probs computed with those same
+weights), and the oldest rollout in the queue is trained on once the queue holds more than
+``rl.async_lag`` of them, so updates always use data sampled ``K`` steps earlier. The queue, the prompt
+stream position and the step are checkpointed, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from vespo_megatron.config import Config, config_to_dict
+from vespo_megatron.rl.batch import Rollout
+from vespo_megatron.rl.step import (
+    read_external_rollout,
+    rollout_metrics,
+    sample_rollout,
+    score,
+    train_on_rollout,
+)
+from vespo_megatron.runtime.distributed import initialize
+from vespo_megatron.train.batches import causal_lm_batch, shard_micro_batch
+from vespo_megatron.train.engine import Engine, build_engine
+from vespo_megatron.train.sft import sft_loss_head
+
+
+@dataclass
+class Runner:
+    """Everything a rank needs for the RL loop."""
+
+    config: Config
+    engine: Engine
+    tokenizer: object
+    task: object
+    prompts: object
+    external: object = None
+    queue: list = field(default_factory=list)
+    step: int = 0
+    history: list = field(default_factory=list)
+
+
+def build_runner(config: Config) -> Runner:
+    from vespo_megatron.rollout.external import ExternalRollouts
+    from vespo_megatron.tasks import build_task
+    from vespo_megatron.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(config.task.tokenizer)
+    task = build_task(config.task.name, **config.task.options)
+    ctx = initialize(config)
+    engine = build_engine(config, ctx, vocab_size=tokenizer.vocab_size)
+    external = None
+    if config.rollout.source == "jsonl":
+        external = ExternalRollouts(config.rollout.jsonl_path, group_size=config.rollout.group_size,
+                                    seq_length=config.seq_length, pad_id=tokenizer.pad_id,
+                                    vocab_size=tokenizer.vocab_size)
+    return Runner(config=config, engine=engine, tokenizer=tokenizer, task=task, prompts=task.prompts(),
+                  external=external)
+
+
+# ------------------------------------------------------------------------------------------ warm-up
+
+
+def _sft_micro_batches(runner: Runner, samples) -> list[dict]:
+    tok, seq_len = runner.tokenizer, runner.config.seq_length
+    rows, masks = [], []
+    for sample in samples:
+        prompt = [tok.bos_id] + tok.encode(sample.prompt)
+        answer = tok.encode(sample.answer) + [tok.eos_id]
+        ids = (prompt + answer)[: seq_len + 1]
+        row = torch.full((seq_len + 1,), tok.pad_id, dtype=torch.long)
+        row[: len(ids)] = torch.tensor(ids)
+        mask = torch.zeros(seq_len + 1, dtype=torch.long)
+        mask[len(prompt) : len(ids)] = 1
+        rows.append(row)
+        masks.append(mask)
+    sequences, mask = torch.stack(rows), torch.stack(masks)
+    mbs = runner.config.train.micro_batch_size
+    return [shard_micro_batch(causal_lm_batch(s, m), runner.engine.ctx)
+            for s, m in zip(sequences.split(mbs), mask.split(mbs))]
+
+
+def supervised_warmup(runner: Runner, steps: int) -> list[float]:
+    """``steps`` cross-entropy updates on the task's reference answers; returns the losses."""
+    cfg, ctx = runner.config, runner.engine.ctx
+    per_rank = cfg.train.global_batch_size // ctx.dp
+    warm = runner.task.prompts()  # an independent stream: the RL prompt position is untouched
+    losses = []
+    for _ in range(steps):
+        samples = warm.next_batch(cfg.train.global_batch_size)[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
+        result = runner.engine.train_step(_sft_micro_batches(runner, samples), sft_loss_head,
+                                          lr=cfg.rl.sft_lr or cfg.optimizer.lr)
+        losses.append(result.metrics["sft/loss"])
+    return losses
+
+
+def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> float:
+    """Greedy accuracy on ``num_prompts`` held-out prompts (same on every rank)."""
+    from dataclasses import replace
+
+    from vespo_megatron.rollout.generate import generate
+    from vespo_megatron.tasks import build_task
+
+    cfg = runner.config
+    options = dict(cfg.task.options)
+    options["seed"] = int(options.get("seed", 0)) + seed_offset
+    samples = build_task(cfg.task.name, **options).prompts().next_batch(num_prompts)
+    encoded = [[runner.tokenizer.bos_id] + runner.tokenizer.encode(s.prompt) for s in samples]
+    micro = 1 if not cfg.parallel.vpp else cfg.parallel.pp
+    while len(encoded) % micro:
+        encoded.append(encoded[-1])
+        samples.append(samples[-1])
+    generated = generate(runner.engine, encoded, replace(cfg.rollout), seq_length=cfg.seq_length,
+                         eos_id=runner.tokenizer.eos_id, pad_id=runner.tokenizer.pad_id,
+                         generator=torch.Generator().manual_seed(0), greedy=True,
+                         vocab_size=runner.tokenizer.vocab_size)
+    rewards = score(runner.task, runner.tokenizer, generated, samples)[:num_prompts]
+    return float((rewards >= 1.0).float().mean())
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+def _next_rollout(runner: Runner) -> Rollout:
+    cfg, ctx = runner.config, runner.engine.ctx
+    version = runner.engine.iteration
+    if runner.external is not None:
+        return read_external_rollout(runner, version)
+    prompts = runner.prompts.next_batch(cfg.rollout.prompts_per_step)
+    per_rank = cfg.rollout.prompts_per_step // ctx.dp
+    mine = prompts[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
+    return sample_rollout(runner, runner.step, mine, version)
+
+
+def _phi_metrics(results, ctx) -> dict[str, float]:
+    """Step-level loss diagnostics from the per-sequence vectors of every micro-batch and DP rank."""
+    import torch.distributed as dist
+
+    from vespo_megatron.loss.metrics import effective_sample_size
+
+    if not ctx.is_last_stage:
+        return {}
+    vectors: dict[str, list] = {}
+    for result in results:
+        for report in result.reported:
+            for key, value in report.items():
+                if key.startswith("seq/"):
+                    vectors.setdefault(key, []).append(value)
+    local = {k: torch.cat(v) for k, v in vectors.items()}
+    if ctx.dp > 1:
+        gathered = [None] * ctx.dp
+        dist.all_gather_object(gathered, local, group=ctx.dp_group)
+        local = {k: torch.cat([g[k] for g in gathered]) for k in local}
+    if "seq/log_w" not in local:
+        return {}
+    log_w, adv = local["seq/log_w"], local["seq/advantage"]
+    out = {"vespo/abs_log_w_mean": float(log_w.abs().mean()), "vespo/abs_log_w_max": float(log_w.abs().max())}
+    if "seq/phi" in local:
+        phi = local["seq/phi"]
+        out["vespo/phi_mean"] = float(phi.mean())
+        for name, sel in (("pos", adv >= 0), ("neg", adv < 0)):
+            if sel.any():
+                out[f"vespo/phi_mean_{name}"] = float(phi[sel].mean())
+                out[f"vespo/phi_min_{name}"] = float(phi[sel].min())
+                out[f"vespo/phi_max_{name}"] = float(phi[sel].max())
+        out["vespo/silenced_frac"] = float((phi < 1e-3).float().mean())
+        out["vespo/ess"] = float(effective_sample_size(phi))
+    return out
+
+
+def run_step(runner: Runner) -> Optional[dict]:
+    """One RL step; returns its metrics (None while the async queue is still filling)."""
+    cfg = runner.config
+    started = time.perf_counter()
+    runner.queue.append(_next_rollout(runner))
+    sampled = time.perf_counter()
+    fresh = runner.queue[-1]
+    metrics = rollout_metrics(fresh, runner.engine.ctx)
+    metrics["time/rollout"] = sampled - started
+    if len(runner.queue) <= cfg.rl.async_lag:
+        return None
+    rollout = runner.queue.pop(0)
+    results = train_on_rollout(runner, rollout, runner.step)
+    finished = time.perf_counter()
+    metrics["loss/value"] = sum(r.metrics.get("loss/value", 0.0) for r in results) / len(results)
+    norms = [r.grad_norm for r in results if r.grad_norm is not None]
+    metrics["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+    metrics["lr"] = results[-1].lr
+    metrics["staleness/policy_lag"] = float(runner.engine.iteration - len(results) - rollout.behaviour_version)
+    metrics["time/train"] = sum(r.seconds["forward_backward"] for r in results)
+    metrics["time/optimizer"] = sum(r.seconds["optimizer"] for r in results)
+    metrics["time/step"] = finished - started
+    metrics["throughput/tokens_per_s"] = metrics["response/tokens"] / max(finished - started, 1e-9)
+    metrics.update(_phi_metrics(results, runner.engine.ctx))
+    for name in results[0].metrics:
+        if name.endswith("_frac"):
+            metrics[name] = sum(r.metrics[name] for r in results) / len(results)
+    return metrics
+
+
+def loop_state(runner: Runner) -> dict:
+    state = {"step": runner.step, "queue": [r.state_dict() for r in runner.queue],
+             "history": list(runner.history)}
+    state["prompts"] = runner.prompts.state_dict()
+    if runner.external is not None:
+        state["external"] = runner.external.state_dict()
+    return state
+
+
+def load_loop_state(runner: Runner, state: dict) -> None:
+    runner.step = int(state["step"])
+    runner.queue = [Rollout.from_state_dict(r) for r in state["queue"]]
+    runner.history = list(state.get("history", []))
+    runner.prompts.load_state_dict(state["prompts"])
+    if runner.external is not None and "external" in state:
+        runner.external.load_state_dict(state["external"])
+
+
+def run(config: Config) -> Runner:
+    """The whole RL run on this rank: resume or warm up, then ``train.steps`` RL steps."""
+    from vespo_megatron import checkpoint
+    from vespo_megatron.metrics import MetricsLogger, ProgressBar
+
+    runner = build_runner(config)
+    ctx = runner.engine.ctx
+    ckpt_cfg = config.checkpoint
+    resume_from = checkpoint.latest_checkpoint(ckpt_cfg.dir) if ckpt_cfg.dir and ckpt_cfg.resume else None
+    if resume_from is not None:
+        load_loop_state(runner, checkpoint.load_checkpoint(runner.engine, resume_from))
+    elif config.rl.sft_warmup_steps:
+        supervised_warmup(runner, config.rl.sft_warmup_steps)
+    preemption = checkpoint.install_preemption_handler()
+    logger = MetricsLogger(config.logging.run_dir, enabled=ctx.is_logging_rank, tensorboard=config.logging.tensorboard,
+                           wandb_project=config.logging.wandb_project, config_dict=config_to_dict(config),
+                           resume=resume_from is not None)
+    if resume_from is not None:
+        logger.truncate_after(runner.step)
+    progress = ProgressBar(config.train.steps, enabled=ctx.is_logging_rank and config.logging.progress_bar,
+                           initial=runner.step)
+    try:
+        while runner.step < config.train.steps:
+            metrics = run_step(runner)
+            runner.step += 1
+            if metrics is not None:
+                runner.history.append(metrics["reward/mean"])
+                if runner.step % config.logging.log_every == 0:
+                    logger.log(runner.step, metrics)
+                progress.update(runner.step, metrics)
+            stop = preemption.should_stop(None)
+            periodic = ckpt_cfg.save_every and runner.step % ckpt_cfg.save_every == 0
+            if ckpt_cfg.dir and (periodic or stop or runner.step == config.train.steps):
+                checkpoint.save_checkpoint(runner.engine, ckpt_cfg.dir, runner.step, loop_state(runner))
+            if stop:
+                break
+    finally:
+        progress.close()
+        logger.close()
+    return runner

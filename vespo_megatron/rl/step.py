@@ -1,0 +1,177 @@
+"""One RL step, as a straight line: rollout -> rewards -> advantages -> old log-probs -> N updates.
+
+:func:`collect_rollout` samples (or reads) this data-parallel rank's share of the step's prompts,
+scores them and computes group advantages, then evaluates the old-policy log-probs with the weights
+that sampled them (they are the behaviour policy mu of the VESPO weight, also when the rollout is
+trained on K updates later). :func:`train_on_rollout` splits a rollout into ``rl.num_minibatches``
+mini-batches and applies one optimizer update per mini-batch: the first sees ``log W = 0`` (on-policy
+when K = 0), later ones an increasingly stale behaviour policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from vespo_megatron.rl.advantages import group_advantages, informative_groups
+from vespo_megatron.rl.batch import Rollout, micro_batches
+from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
+from vespo_megatron.rollout.generate import generate
+from vespo_megatron.train.batches import context_parallel_chunks
+
+
+@dataclass
+class RolloutStats:
+    """What the logger reports about a rollout (reduced over data-parallel ranks)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _dp_sum(values: list[float], ctx) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if ctx.dp > 1:
+        dist.all_reduce(tensor, group=ctx.dp_group)
+    return tensor.tolist()
+
+
+def score(task, tokenizer, generated, samples) -> torch.Tensor:
+    """Rewards of the generated responses (decoded up to the stop token)."""
+    texts = []
+    for row in range(generated.sequences.shape[0]):
+        start = int(generated.prompt_lengths[row])
+        ids = generated.sequences[row, start : start + int(generated.response_lengths[row])].tolist()
+        if tokenizer.eos_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode(ids))
+    return torch.tensor(task.rewards(texts, samples), dtype=torch.float32)
+
+
+def sample_rollout(runner, step: int, prompts: list, version: int) -> Rollout:
+    """Sample ``group_size`` responses per prompt with the current weights and score them."""
+    cfg, ctx = runner.config, runner.engine.ctx
+    group = cfg.rollout.group_size
+    samples = [s for s in prompts for _ in range(group)]
+    encoded = [[runner.tokenizer.bos_id] + runner.tokenizer.encode(s.prompt) for s in samples]
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + ctx.dp_rank)
+    generated = generate(
+        runner.engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=runner.tokenizer.eos_id,
+        pad_id=runner.tokenizer.pad_id, generator=generator, vocab_size=runner.tokenizer.vocab_size,
+    )
+    rewards = score(runner.task, runner.tokenizer, generated, samples)
+    return _finish_rollout(runner, generated.sequences, generated.prompt_lengths, generated.response_lengths,
+                           generated.sampler_logprobs, rewards, version)
+
+
+def read_external_rollout(runner, version: int) -> Rollout:
+    """This DP rank's groups from the external JSONL (every rank reads the file, takes its share)."""
+    cfg, ctx = runner.config, runner.engine.ctx
+    groups = cfg.rollout.prompts_per_step
+    batch = runner.external.next_groups(groups)
+    per_rank = groups // ctx.dp * cfg.rollout.group_size
+    rows = torch.arange(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
+    return _finish_rollout(runner, batch.sequences[rows], batch.prompt_lengths[rows], batch.response_lengths[rows],
+                           batch.sampler_logprobs[rows], batch.rewards[rows], version)
+
+
+def _finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_logprobs, rewards, version):
+    cfg = runner.config
+    group = cfg.rollout.group_size
+    grouped = rewards.view(-1, group)
+    advantages = group_advantages(grouped, cfg.rl.std_normalize_advantages).reshape(-1)
+    trained_lengths = response_lengths.clone()
+    if cfg.rl.filter_uniform_groups:
+        keep = informative_groups(grouped).repeat_interleave(group)
+        trained_lengths = torch.where(keep, response_lengths, torch.zeros_like(response_lengths))
+    rollout = Rollout(
+        sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=trained_lengths,
+        sampler_logprobs=sampler_logprobs, rewards=rewards, advantages=advantages,
+        generated_lengths=response_lengths, behaviour_version=version,
+    )
+    compute_old_logprobs(runner, rollout)
+    return rollout
+
+
+def _unshard_cp(values: torch.Tensor, ctx) -> torch.Tensor:
+    """Undo the load-balanced CP split of ``[b, s_local]`` values: all-gather and reorder to ``[b, s]``."""
+    if ctx.cp == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(ctx.cp)]
+    dist.all_gather(parts, values.contiguous(), group=ctx.cp_group)
+    seq = values.shape[1] * ctx.cp
+    positions = torch.cat([context_parallel_chunks(torch.arange(seq).unsqueeze(0), ctx.cp, r).squeeze(0)
+                           for r in range(ctx.cp)])
+    full = torch.empty(values.shape[0], seq, dtype=values.dtype)
+    full[:, positions] = torch.cat(parts, dim=1)
+    return full
+
+
+def compute_old_logprobs(runner, rollout: Rollout) -> None:
+    """Old-policy log-probs with the current (sampling) weights, broadcast to every pipeline stage."""
+    cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
+    rows = torch.arange(rollout.size)
+    micro = micro_batches(rollout, rows, cfg.train.micro_batch_size, ctx)
+    temperature, chunk = cfg.rollout.temperature, cfg.loss.chunk_size
+    token_level = cfg.loss.name != "vespo"
+    head = (old_token_logprobs_head if token_level else old_logprob_sums_head)(ctx, temperature, chunk)
+    reports = engine.forward_only(micro, head, emit_hidden_states=True)
+    seq_len = cfg.seq_length
+    if token_level:
+        local = torch.zeros(rollout.size, seq_len // ctx.cp)
+        if reports:
+            local = torch.cat([r["tok/logprobs"].view(-1, seq_len // ctx.cp) for r in reports])
+        values = _unshard_cp(local, ctx)
+    else:
+        values = torch.zeros(rollout.size)
+        if reports:
+            values = torch.cat([r["seq/logprob_sum"] for r in reports])
+    if ctx.pp > 1:
+        last = dist.get_global_rank(ctx.pp_group, ctx.pp - 1)
+        values = values.contiguous()
+        dist.broadcast(values, src=last, group=ctx.pp_group)
+    if token_level:
+        rollout.old_token_logprobs = values
+        rollout.old_logprob_sums = (values * rollout.response_token_mask()[:, 1:]).sum(dim=1)
+    else:
+        rollout.old_logprob_sums = values
+
+
+def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:
+    generated = (rollout.generated_lengths if rollout.generated_lengths is not None
+                 else rollout.response_lengths).float()
+    correct = (rollout.rewards >= 1.0).float()
+    sums = _dp_sum([rollout.rewards.sum().item(), correct.sum().item(), generated.sum().item(),
+                    float(rollout.size), float(generated.max().item())], ctx)
+    return {
+        "reward/mean": sums[0] / sums[3],
+        "reward/accuracy": sums[1] / sums[3],
+        "response/length_mean": sums[2] / sums[3],
+        "response/tokens": sums[2],
+    }
+
+
+def _minibatch_rows(rollout: Rollout, num_minibatches: int, step: int, seed: int) -> list[torch.Tensor]:
+    order = torch.randperm(rollout.size, generator=torch.Generator().manual_seed(seed + 7919 * step))
+    return list(order.chunk(num_minibatches))
+
+
+def train_on_rollout(runner, rollout: Rollout, step: int) -> list:
+    """One optimizer update per mini-batch; returns the engine's step results."""
+    cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
+    results = []
+    for rows in _minibatch_rows(rollout, cfg.rl.num_minibatches, step, cfg.train.seed):
+        lengths = rollout.response_lengths[rows]
+        tokens, sequences = _dp_sum([lengths.sum().item(), (lengths > 0).sum().item()], ctx)
+        global_tokens = torch.tensor(max(tokens, 1.0))
+        global_sequences = torch.tensor(max(sequences, 1.0))
+        micro = micro_batches(rollout, rows, cfg.train.micro_batch_size, ctx)
+        if cfg.loss.name == "vespo":
+            head = vespo_head(ctx, cfg, global_tokens, global_sequences)
+        else:
+            old = rollout.old_token_logprobs
+            for batch, chunk in zip(micro, rows.split(cfg.train.micro_batch_size)):
+                batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
+            head = token_loss_head(ctx, cfg, global_tokens, global_sequences)
+        results.append(engine.train_step(micro, head, emit_hidden_states=True))
+    return results
