@@ -44,6 +44,8 @@ class Runner:
     queue: list = field(default_factory=list)
     step: int = 0
     history: list = field(default_factory=list)
+    eval_before: Optional[float] = None
+    eval_after: Optional[float] = None
 
 
 def build_runner(config: Config) -> Runner:
@@ -235,6 +237,8 @@ def run(config: Config) -> Runner:
         load_loop_state(runner, checkpoint.load_checkpoint(runner.engine, resume_from))
     elif config.rl.sft_warmup_steps:
         supervised_warmup(runner, config.rl.sft_warmup_steps)
+    if config.rl.eval_prompts:
+        runner.eval_before = evaluate(runner, config.rl.eval_prompts)
     preemption = checkpoint.install_preemption_handler()
     logger = MetricsLogger(config.logging.run_dir, enabled=ctx.is_logging_rank, tensorboard=config.logging.tensorboard,
                            wandb_project=config.logging.wandb_project, config_dict=config_to_dict(config),
@@ -258,6 +262,9 @@ def run(config: Config) -> Runner:
                 checkpoint.save_checkpoint(runner.engine, ckpt_cfg.dir, runner.step, loop_state(runner))
             if stop:
                 break
+        if config.rl.eval_prompts:
+            runner.eval_after = evaluate(runner, config.rl.eval_prompts)
+            logger.log(runner.step, {"eval/accuracy_before": runner.eval_before, "eval/accuracy": runner.eval_after})
     finally:
         progress.close()
         logger.close()

@@ -1,0 +1,107 @@
+"""``vespo-megatron <command>``: each subcommand parses its arguments and calls into the package.
+
+Commands:
+  train CONFIG [section.key=value ...]   the RL loop (run under torchrun or srun; gloo on CPU, nccl on GPU)
+  demo                                   the CPU quick start: SFT warm-up, then VESPO RL with TP=2 on gloo
+  check-config CONFIG --nodes N --gpus-per-node G   validate a layout, print the rank grid and memory
+  bench step|loss ...                    benchmark commands that print figures (--json for one object)
+  plot RUN_DIR                           PNG plots of a run's metrics
+  study staleness                        the staleness study (losses x N) on the synthetic task
+  train-tokenizer --input ... --output ... --vocab-size N   train a sentencepiece model
+  config-docs [--write]                  render docs/configs.md from the config dataclasses
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vespo-megatron train",
+        description="Run the RL loop on this rank. Launch one process per GPU (or CPU worker) with torchrun/srun.",
+    )
+    parser.add_argument("config", help="YAML config file (see configs/ and docs/configs.md)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2 loss.name=grpo")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    from vespo_megatron.config import load_config
+    from vespo_megatron.rl.loop import run
+    from vespo_megatron.runtime.distributed import shutdown
+
+    run(load_config(args.config, args.overrides))
+    shutdown()
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from vespo_megatron.demo import main
+
+    return main(argv)
+
+
+def _check_config(argv: list[str]) -> int:
+    from vespo_megatron.check_config import main
+
+    return main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vespo-megatron bench", description="Benchmarks that print figures.")
+    parser.add_argument("what", choices=["step", "loss"], help="step: training step per layout; loss: loss paths")
+    args, rest = parser.parse_known_args(argv)
+    if args.what == "step":
+        from vespo_megatron.bench.step import main
+    else:
+        from vespo_megatron.bench.loss import main
+    return main(rest)
+
+
+def _plot(argv: list[str]) -> int:
+    from vespo_megatron.plotting import main
+
+    return main(argv)
+
+
+def _study(argv: list[str]) -> int:
+    from vespo_megatron.study import main
+
+    return main(argv)
+
+
+def _train_tokenizer(argv: list[str]) -> int:
+    from vespo_megatron.tokenizer import main
+
+    return main(argv)
+
+
+def _config_docs(argv: list[str]) -> int:
+    from vespo_megatron.config_docs import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "train": _train,
+    "demo": _demo,
+    "check-config": _check_config,
+    "bench": _bench,
+    "plot": _plot,
+    "study": _study,
+    "train-tokenizer": _train_tokenizer,
+    "config-docs": _config_docs,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return int(COMMANDS[argv[0]](argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
