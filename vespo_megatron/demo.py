@@ -23,9 +23,9 @@ DEMO_OVERRIDES = [
     "rl.num_minibatches=4",
     "train.micro_batch_size=8",
     "train.global_batch_size=32",
-    "optimizer.lr=2e-3",
+    "optimizer.lr=5e-4",
     "rl.sft_lr=3e-3",
-    "rl.sft_warmup_steps=40",
+    "rl.sft_warmup_steps=100",
     "rl.eval_prompts=128",
     "checkpoint.dir=null",
 ]
@@ -49,7 +49,7 @@ def _worker(rank, world_size, config_path, overrides):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vespo-megatron demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="RL steps (default 60)")
+    parser.add_argument("--steps", type=int, default=80, help="RL steps (default 80)")
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel workers (default 2)")
     parser.add_argument("--loss", default="vespo", help="loss from the registry (default vespo)")
     parser.add_argument("--run-dir", default="runs/demo", help="where metrics and plots go (default runs/demo)")

@@ -1,4 +1,8 @@
-"""Sharded-vs-unsharded comparison of one SFT step through the whole Megatron stack.
+"""Sharded-vs-unsharded comparison of one training step through the whole Megatron stack.
+
+The step is either supervised cross entropy (``head="sft"``) or one RL update with a policy loss head
+(``head="vespo"``: the sequence-parallel VESPO path; ``head="grpo"``: the per-token path), so the
+loss heads are checked through Megatron's schedules, DDP, pipeline and micro-batching too.
 
 The reference is a one-process run (tp=pp=cp=ep=dp=1). Both runs start from the same weights: the
 reference saves them with dist-checkpointing and the sharded layout loads them (Megatron reshards).
@@ -37,6 +41,59 @@ def micro_batches(seed: int = 7) -> list[dict]:
         mask = (torch.rand(2, SEQ_LEN + 1, generator=gen) > 0.3).long()
         batches.append(causal_lm_batch(seqs, mask))
     return batches
+
+
+def synthetic_rollout(seed: int = 11):
+    """8 sequences with random prompts/responses, sampler log-probs and advantages (no old log-probs yet)."""
+    from vespo_megatron.rl.batch import Rollout
+
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * NUM_MICRO_BATCHES
+    prompt_lengths = torch.randint(2, 6, (n,), generator=gen)
+    response_lengths = torch.randint(3, 9, (n,), generator=gen)
+    response_lengths[3] = 1
+    sequences = torch.randint(0, 64, (n, SEQ_LEN + 1), generator=gen)
+    sampler = -torch.rand(n, SEQ_LEN + 1, generator=gen) * 3
+    return Rollout(
+        sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=response_lengths,
+        sampler_logprobs=sampler, rewards=torch.zeros(n), advantages=torch.randn(n, generator=gen),
+    )
+
+
+def _rl_micro_batches(engine, ctx, config, head_kind, workdir, role):
+    """This rank's RL micro-batches and the update's loss head; the reference fixes the old log-probs."""
+    from vespo_megatron.rl.batch import micro_batches as rl_micro_batches
+    from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
+    from vespo_megatron.train.batches import context_parallel_chunks
+
+    rollout = synthetic_rollout()
+    old_path = os.path.join(workdir, "old_logprobs.pt")
+    if role == "reference":
+        rows = torch.arange(rollout.size)
+        micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
+        gen = torch.Generator().manual_seed(5)
+        if head_kind == "vespo":
+            reports = engine.forward_only(micro, old_logprob_sums_head(ctx, 1.0, 4))
+            old = torch.cat([r["seq/logprob_sum"] for r in reports])
+            old = old + 0.5 * torch.randn(old.shape, generator=gen)  # a stale behaviour policy
+        else:
+            reports = engine.forward_only(micro, old_token_logprobs_head(ctx, 1.0, 4))
+            old = torch.cat([r["tok/logprobs"].view(-1, SEQ_LEN) for r in reports])
+            old = old + 0.2 * torch.randn(old.shape, generator=gen)
+        torch.save(old, old_path)
+    old = torch.load(old_path)
+    per_rank = rollout.size // ctx.dp
+    rows = torch.arange(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
+    global_tokens = rollout.response_lengths.sum().float()
+    global_sequences = torch.tensor(float(rollout.size))
+    if head_kind == "vespo":
+        rollout.old_logprob_sums = old
+        micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
+        return micro, vespo_head(ctx, config, global_tokens, global_sequences)
+    micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
+    for batch, chunk in zip(micro, rows.split(config.train.micro_batch_size)):
+        batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
+    return micro, token_loss_head(ctx, config, global_tokens, global_sequences)
 
 
 def _sharded_state(engine):
@@ -93,7 +150,7 @@ def _my_micro_batches(ctx) -> list[dict]:
     return [shard_micro_batch(b, ctx) for b in mine]
 
 
-def _step_worker(rank, world, overrides, workdir, role, compare_grads):
+def _step_worker(rank, world, overrides, workdir, role, compare_grads, head_kind="sft"):
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
     from vespo_megatron.train.sft import sft_loss_head
@@ -107,9 +164,12 @@ def _step_worker(rank, world, overrides, workdir, role, compare_grads):
         _load(engine, os.path.join(workdir, "init"))
     for chunk in engine.chunks:
         chunk.zero_grad_buffer()
-    reported = engine._run_schedule(_my_micro_batches(ctx), sft_loss_head, forward_only=False,
-                                    emit_hidden_states=False)
-    loss = engine.reduce_reported(reported)["sft/loss"]
+    if head_kind == "sft":
+        micro, head, emit, key = _my_micro_batches(ctx), sft_loss_head, False, "sft/loss"
+    else:
+        (micro, head), emit, key = _rl_micro_batches(engine, ctx, config, head_kind, workdir, role), True, "loss/value"
+    reported = engine._run_schedule(micro, head, forward_only=False, emit_hidden_states=emit)
+    loss = engine.reduce_reported(reported)[key]
     if compare_grads:
         saved = _swap_grads_into_params(engine)
         _save(engine, os.path.join(workdir, f"{role}_grads"))
@@ -133,10 +193,11 @@ def _read_worker(rank, world, overrides, directories):
     return full
 
 
-def compare_layout(base: list[str], layout: list[str], world: int, workdir: str, compare_grads: bool = True):
+def compare_layout(base: list[str], layout: list[str], world: int, workdir: str, compare_grads: bool = True,
+                   head: str = "sft"):
     """Run reference and sharded steps; return (ref_loss, loss, {kind: (ref, sharded) full param dicts})."""
-    ref_loss = run_local_workers(_step_worker, 1, base, workdir, "reference", compare_grads)[0]
-    losses = run_local_workers(_step_worker, world, base + layout, workdir, "sharded", compare_grads)
+    ref_loss = run_local_workers(_step_worker, 1, base, workdir, "reference", compare_grads, head)[0]
+    losses = run_local_workers(_step_worker, world, base + layout, workdir, "sharded", compare_grads, head)
     kinds = (["grads"] if compare_grads else []) + ["weights"]
     directories = [os.path.join(workdir, f"{role}_{kind}") for kind in kinds for role in ("reference", "sharded")]
     loaded = run_local_workers(_read_worker, 1, base, directories)[0]

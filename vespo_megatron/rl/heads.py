@@ -72,10 +72,16 @@ def old_token_logprobs_head(ctx, temperature: float, chunk_size: int):
     return head
 
 
-def _finish(loss, batch, global_tokens, reported):
+def _finish(loss, batch, global_tokens, reported, report_weight: float = 1.0):
+    """Megatron's (loss_sum, num_tokens) pair plus the ``loss/value`` report.
+
+    ``report_weight`` is this rank's share of a replicated loss report: 1 when every rank of the CP
+    group holds the whole loss (VESPO), 1/cp when each holds the part of its own tokens (token losses),
+    so the reduction over DP x CP yields the update's loss either way.
+    """
     local_tokens = batch["loss_mask"].sum()
     loss_sum, num_tokens = rescale_for_global_normaliser(loss, local_tokens, global_tokens)
-    reported["loss/value"] = torch.stack([loss.detach().float(), torch.ones(())])
+    reported["loss/value"] = torch.stack([loss.detach().float(), torch.tensor(report_weight)])
     return loss_sum, num_tokens, reported
 
 
@@ -142,6 +148,6 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
         for name, value in out.metrics.items():
             if name.endswith("clip_frac") or name.endswith("_frac"):
                 reported[name] = torch.tensor([float(value), 1.0])
-        return _finish(loss, batch, global_tokens, reported)
+        return _finish(loss, batch, global_tokens, reported, 1.0 / ctx.cp)
 
     return head
