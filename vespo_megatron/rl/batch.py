@@ -41,6 +41,9 @@ class Rollout:
     """[n] sampled response lengths before group filtering (for metrics)."""
     behaviour_version: int = 0
     """Optimizer updates applied before these sequences were sampled."""
+    routing_indices: Optional[torch.Tensor] = None
+    """[n, moe_layers_local, s_local, topk] experts each of this rank's local tokens visited in the
+    behaviour pass (rollout.routing_replay; see vespo_megatron/models/routing.py)."""
 
     @property
     def size(self) -> int:
@@ -86,7 +89,10 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, c
         batch["sampler_logprob_sums"] = sampler_sums[chunk].float()
         if rollout.old_logprob_sums is not None:
             batch["old_logprob_sums"] = rollout.old_logprob_sums[chunk].float()
-        batches.append(shard_micro_batch(batch, ctx))
+        batch = shard_micro_batch(batch, ctx)
+        if rollout.routing_indices is not None:  # already this rank's local tokens: added after the CP split
+            batch["routing_indices"] = rollout.routing_indices[chunk]
+        batches.append(batch)
     return batches
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from vespo_megatron.config import Config, config_to_dict
+from vespo_megatron.models.routing import routing_load_metrics
 from vespo_megatron.rl.batch import Rollout
 from vespo_megatron.rl.step import (
     read_external_rollout,
@@ -200,6 +201,7 @@ def run_step(runner: Runner) -> Optional[dict]:
     metrics["time/step"] = finished - started
     metrics["throughput/tokens_per_s"] = metrics["response/tokens"] / max(finished - started, 1e-9)
     metrics.update(_phi_metrics(results, runner.engine.ctx))
+    metrics.update(routing_load_metrics(runner.engine))  # MoE per-expert load (collective; {} when dense)
     for name in results[0].metrics:
         if name.endswith("_frac"):
             metrics[name] = sum(r.metrics[name] for r in results) / len(results)

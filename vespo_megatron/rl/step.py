@@ -10,11 +10,13 @@ when K = 0), later ones an increasingly stale behaviour policy.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.models.routing import routing_recorder
 from vespo_megatron.rl.advantages import group_advantages, informative_groups
 from vespo_megatron.rl.batch import Rollout, micro_batches
 from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
@@ -115,7 +117,12 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
     temperature, chunk = cfg.rollout.temperature, cfg.loss.chunk_size
     token_level = cfg.loss.name != "vespo"
     head = (old_token_logprobs_head if token_level else old_logprob_sums_head)(ctx, temperature, chunk)
-    reports = engine.forward_only(micro, head, emit_hidden_states=True)
+    # MoE routing replay: keep the experts of this behaviour pass for the training passes to reuse.
+    recorder = routing_recorder(engine) if cfg.rollout.routing_replay else None
+    with recorder.recording() if recorder is not None else nullcontext():
+        reports = engine.forward_only(micro, head, emit_hidden_states=True)
+    if recorder is not None:
+        rollout.routing_indices = recorder.recorded_indices(micro)
     seq_len = cfg.seq_length
     if token_level:
         local = torch.zeros(rollout.size, seq_len // ctx.cp)
@@ -159,6 +166,7 @@ def _minibatch_rows(rollout: Rollout, num_minibatches: int, step: int, seed: int
 def train_on_rollout(runner, rollout: Rollout, step: int) -> list:
     """One optimizer update per mini-batch; returns the engine's step results."""
     cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
+    recorder = routing_recorder(engine)  # MoE: per-expert load counts, and replay of recorded experts
     results = []
     for rows in _minibatch_rows(rollout, cfg.rl.num_minibatches, step, cfg.train.seed):
         lengths = rollout.response_lengths[rows]
@@ -173,5 +181,6 @@ def train_on_rollout(runner, rollout: Rollout, step: int) -> list:
             for batch, chunk in zip(micro, rows.split(cfg.train.micro_batch_size)):
                 batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
             head = token_loss_head(ctx, cfg, global_tokens, global_sequences)
-        results.append(engine.train_step(micro, head, emit_hidden_states=True))
+        with recorder.training_pass(micro) if recorder is not None else nullcontext():
+            results.append(engine.train_step(micro, head, emit_hidden_states=True))
     return results
