@@ -384,12 +384,17 @@ class RLConfig:
     sft_lr: Optional[float] = None
     """Learning rate of the warm-up; None uses optimizer.lr."""
     eval_prompts: int = 0
+    kl_coef: float = 0.0
+    """KL penalty to a frozen reference (the policy when RL starts): each sequence's loss gains
+    kl_coef * sg(S - S_ref) * S with S = sum_t log pi(y_t), the score-function gradient of KL(pi || ref).
+    0 disables it (no reference model is built)."""
     """Greedy evaluation on this many held-out prompts before and after training (0 disables it)."""
 
     def __post_init__(self) -> None:
         _require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")
         _require(self.async_lag >= 0, f"rl.async_lag={self.async_lag} must be >= 0")
         _require(self.sft_warmup_steps >= 0, f"rl.sft_warmup_steps={self.sft_warmup_steps} must be >= 0")
+        _require(self.kl_coef >= 0, f"rl.kl_coef={self.kl_coef} must be >= 0 (0 disables the KL penalty)")
 
 
 @dataclass(kw_only=True)
@@ -614,6 +619,11 @@ def _validate_rl(config: Config, world_size: int) -> None:
         config.loss.correction.level == "sequence" or config.loss.name != "vespo",
         "loss.correction.level=token is not available with loss.name=vespo, whose sequence-parallel path only "
         "has per-sequence sums; use loss.correction.level=sequence",
+    )
+    _require(
+        not (rl.kl_coef > 0 and config.loss.name != "vespo" and config.parallel.cp > 1),
+        f"rl.kl_coef > 0 with loss.name={config.loss.name} needs whole sequences per rank; it does not support "
+        "parallel.cp > 1 (VESPO's sequence-parallel path does)",
     )
     _require(
         not rollout.routing_replay or config.model.is_moe,

@@ -35,6 +35,8 @@ class Rollout:
     """[n]"""
     old_logprob_sums: Optional[torch.Tensor] = None
     """[n] sum over the response of log pi_old (trainer weights at sampling time)."""
+    ref_logprob_sums: Optional[torch.Tensor] = None
+    """[n] sum over the response of log pi_ref (frozen reference; only with rl.kl_coef > 0)."""
     old_token_logprobs: Optional[torch.Tensor] = None
     """[n, seq_length] per-label log pi_old (token-level losses only)."""
     generated_lengths: Optional[torch.Tensor] = None
@@ -89,6 +91,8 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, c
         batch["sampler_logprob_sums"] = sampler_sums[chunk].float()
         if rollout.old_logprob_sums is not None:
             batch["old_logprob_sums"] = rollout.old_logprob_sums[chunk].float()
+        if rollout.ref_logprob_sums is not None:
+            batch["ref_logprob_sums"] = rollout.ref_logprob_sums[chunk].float()
         batch = shard_micro_batch(batch, ctx)
         if rollout.routing_indices is not None:  # already this rank's local tokens: added after the CP split
             batch["routing_indices"] = rollout.routing_indices[chunk]

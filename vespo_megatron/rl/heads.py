@@ -72,6 +72,17 @@ def old_token_logprobs_head(ctx, temperature: float, chunk_size: int):
     return head
 
 
+def kl_penalty(logprob_sum: torch.Tensor, batch: dict, kl_coef: float) -> torch.Tensor:
+    """Per-sequence KL-to-reference term ``kl_coef * sg(S - S_ref) * S`` (zero without a reference).
+
+    Its gradient, ``kl_coef * (S - S_ref) * grad S``, is the score-function estimate of the gradient of
+    KL(pi || pi_ref) on the sampled sequences.
+    """
+    if kl_coef == 0 or "ref_logprob_sums" not in batch:
+        return torch.zeros_like(logprob_sum)
+    return kl_coef * (logprob_sum.detach() - batch["ref_logprob_sums"].to(logprob_sum.dtype)) * logprob_sum
+
+
 def _finish(loss, batch, global_tokens, reported, report_weight: float = 1.0):
     """Megatron's (loss_sum, num_tokens) pair plus the ``loss/value`` report.
 
@@ -103,6 +114,7 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
         advantages = batch["advantages"]
         lengths = batch["response_lengths"]
         seq_loss, _ = vespo_sequence_loss(sums, log_w, advantages, params, keep, lengths)
+        seq_loss = seq_loss + kl_penalty(sums, batch, config.rl.kl_coef)
         loss = aggregate_sequence_loss(seq_loss, lengths.to(seq_loss.dtype), loss_cfg.aggregation,
                                        global_tokens, global_sequences)
         phi = kernel.vespo_phi(log_w, advantages, params.k_pos, params.lambda_pos, params.k_neg, params.lambda_neg)
@@ -137,7 +149,8 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
         )
         out = policy(inputs, params)
         lengths = batch["response_lengths"]
-        loss = aggregate_sequence_loss(out.token_loss.sum(dim=1), lengths.to(out.token_loss.dtype),
+        seq_loss = out.token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)
+        loss = aggregate_sequence_loss(seq_loss, lengths.to(out.token_loss.dtype),
                                        loss_cfg.aggregation, global_tokens, global_sequences)
         log_ratio = ((logprobs.detach() - batch["old_logprobs"]) * mask).sum(dim=1)
         reported = {

@@ -236,9 +236,14 @@ def run(config: Config) -> Runner:
     ckpt_cfg = config.checkpoint
     resume_from = checkpoint.latest_checkpoint(ckpt_cfg.dir) if ckpt_cfg.dir and ckpt_cfg.resume else None
     if resume_from is not None:
+        if config.rl.kl_coef > 0:
+            runner.engine.freeze_reference()  # the checkpoint restores the reference weights into it
         load_loop_state(runner, checkpoint.load_checkpoint(runner.engine, resume_from))
-    elif config.rl.sft_warmup_steps:
-        supervised_warmup(runner, config.rl.sft_warmup_steps)
+    else:
+        if config.rl.sft_warmup_steps:
+            supervised_warmup(runner, config.rl.sft_warmup_steps)
+        if config.rl.kl_coef > 0:
+            runner.engine.freeze_reference()  # the policy as RL starts
     if config.rl.eval_prompts:
         runner.eval_before = evaluate(runner, config.rl.eval_prompts)
     preemption = checkpoint.install_preemption_handler()

@@ -142,6 +142,22 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
         rollout.old_logprob_sums = (values * rollout.response_token_mask()[:, 1:]).sum(dim=1)
     else:
         rollout.old_logprob_sums = values
+    if engine.reference_chunks is not None:
+        rollout.ref_logprob_sums = _reference_logprob_sums(runner, micro)
+
+
+def _reference_logprob_sums(runner, micro) -> torch.Tensor:
+    """Per-sequence log-prob sums under the frozen reference (for the KL penalty), on every stage."""
+    cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
+    head = old_logprob_sums_head(ctx, cfg.rollout.temperature, cfg.loss.chunk_size)
+    with torch.no_grad():
+        reports = engine._run_schedule(micro, head, forward_only=True, emit_hidden_states=True,
+                                       chunks=engine.reference_chunks)
+    values = torch.cat([r["seq/logprob_sum"] for r in reports]) if reports else torch.zeros(
+        sum(b["tokens"].shape[0] for b in micro))
+    if ctx.pp > 1:
+        dist.broadcast(values.contiguous(), src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
+    return values
 
 
 def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:
@@ -149,8 +165,13 @@ def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:
                  else rollout.response_lengths).float()
     correct = (rollout.rewards >= 1.0).float()
     sums = _dp_sum([rollout.rewards.sum().item(), correct.sum().item(), generated.sum().item(),
-                    float(rollout.size), float(generated.max().item())], ctx)
-    return {
+                    float(rollout.size)], ctx)
+    metrics = {}
+    if rollout.ref_logprob_sums is not None:
+        kl_sum, tokens = _dp_sum([(rollout.old_logprob_sums - rollout.ref_logprob_sums).sum().item(),
+                                  rollout.response_lengths.sum().item()], ctx)
+        metrics["kl/ref_k1_per_token"] = kl_sum / max(tokens, 1.0)
+    return metrics | {
         "reward/mean": sums[0] / sums[3],
         "reward/accuracy": sums[1] / sums[3],
         "response/length_mean": sums[2] / sums[3],

@@ -125,24 +125,39 @@ class Engine:
     optimizer: Any
     scheduler: Any
     iteration: int = 0
+    reference_chunks: Optional[list] = None
+    """Frozen copy of the policy for the KL penalty (``rl.kl_coef > 0``); see :meth:`freeze_reference`."""
 
     @property
     def num_parameters_local(self) -> int:
         return count_parameters(self.chunks)
 
+    def freeze_reference(self) -> None:
+        """Snapshot the current weights into frozen, gradient-free model chunks (the KL reference)."""
+        from vespo_megatron.models.gpt import unwrap
+
+        reference = build_model(self.config, self.built.padded_vocab_size).chunks
+        for ref, live in zip(reference, self.chunks):
+            unwrap(ref).load_state_dict(unwrap(live).state_dict())
+            ref.eval()
+            for param in ref.parameters():
+                param.requires_grad_(False)
+        self.reference_chunks = reference
+
     def _run_schedule(self, micro_batches: list[dict], loss_head: LossHead, forward_only: bool,
-                      emit_hidden_states: bool) -> list[dict]:
+                      emit_hidden_states: bool, chunks: Optional[list] = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if not micro_batches:
             raise ValueError("a step needs at least one micro-batch")
         forward_backward = get_forward_backward_func()
-        iterators = [iter(micro_batches) for _ in self.chunks]
+        chunks = self.chunks if chunks is None else chunks
+        iterators = [iter(micro_batches) for _ in chunks]
         seq_length = micro_batches[0]["tokens"].shape[1] * self.ctx.cp
         return forward_backward(
             forward_step_func=make_forward_step(loss_head, emit_hidden_states),
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
             num_microbatches=len(micro_batches),
             seq_length=seq_length,
             micro_batch_size=micro_batches[0]["tokens"].shape[0],
