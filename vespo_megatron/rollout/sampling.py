@@ -38,13 +38,16 @@ def sample_next_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits`` [n, V]; return ``(tokens [n], behaviour_logprobs [n])``.
 
-    Columns at or beyond ``vocab_size`` (vocabulary padding) are never chosen.
+    Columns at or beyond ``vocab_size`` (vocabulary padding) are never chosen. They are cut off before
+    drawing rather than masked: the multinomial draw consumes generator state per column, and the
+    padding width depends on the tensor-parallel size, so masking would make the samples of a seeded
+    generator differ between layouts (e.g. after resuming a TP=2 checkpoint with TP=1).
     """
     scaled = logits.float() / temperature
     logprobs = torch.log_softmax(scaled, dim=-1)
-    allowed = scaled.clone()
+    allowed = scaled
     if vocab_size is not None and vocab_size < scaled.shape[-1]:
-        allowed[..., vocab_size:] = float("-inf")
+        allowed = scaled[..., :vocab_size]
     if greedy:
         tokens = allowed.argmax(dim=-1)
     else:

@@ -1,0 +1,264 @@
+"""Pure pieces of the RL step: sampling filters, group advantages, Rollout masks and batches, JSONL parsing.
+
+No process group and no model: every function here is tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vespo_megatron.rl.advantages import group_advantages, informative_groups
+from vespo_megatron.rl.batch import Rollout, micro_batches, segment_ids
+from vespo_megatron.rollout.external import ExternalRollouts
+from vespo_megatron.rollout.sampling import filter_top_k_top_p, sample_next_tokens
+
+NO_CP = SimpleNamespace(cp=1, cp_rank=0)
+
+
+# ------------------------------------------------------------------------------------ sampling filters
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
+    kept = torch.isfinite(filter_top_k_top_p(logits, top_k=2))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+def test_top_k_zero_or_at_least_vocab_is_a_no_op():
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filter_top_k_top_p(logits, top_k=0), logits)
+    assert torch.equal(filter_top_k_top_p(logits, top_k=6), logits)
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    # Mass before each token (sorted): 0, .5, .8, .95 -> p=0.8 keeps the first two (mass .8 reached at token 2).
+    assert torch.isfinite(filter_top_k_top_p(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_top_k_top_p(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    # A tiny p still keeps the most likely token.
+    assert torch.isfinite(filter_top_k_top_p(logits, top_p=1e-6)).tolist() == [[True, False, False, False]]
+
+
+def test_top_p_works_on_unsorted_rows_independently():
+    logits = torch.tensor([[0.0, 5.0, 0.0, 0.0], [5.0, 0.0, 0.0, 4.9]])
+    kept = torch.isfinite(filter_top_k_top_p(logits, top_p=0.5)).tolist()
+    assert kept == [[False, True, False, False], [True, False, False, False]]
+
+
+def test_top_k_then_top_p_compose():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = torch.isfinite(filter_top_k_top_p(logits, top_k=3, top_p=0.99)).tolist()
+    assert kept == [[True, True, True, False, False]]
+
+
+def test_sampled_tokens_stay_in_the_filtered_set_and_logprobs_are_untruncated():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 10, generator=gen)
+    tokens, logprobs = sample_next_tokens(logits, temperature=0.7, top_k=3, generator=gen)
+    top3 = torch.topk(logits, 3, dim=-1).indices
+    assert bool((top3 == tokens.unsqueeze(1)).any(dim=1).all())
+    # The recorded log-prob is the temperature-scaled full softmax, before truncation (what the trainer evaluates).
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(logprobs, expected)
+
+
+def test_vocabulary_padding_is_never_sampled_or_chosen_greedily():
+    logits = torch.zeros(256, 8)
+    logits[:, 6:] = 50.0  # padding columns with huge logits
+    tokens, _ = sample_next_tokens(logits, vocab_size=6, generator=torch.Generator().manual_seed(0))
+    assert int(tokens.max()) < 6
+    greedy, _ = sample_next_tokens(logits, vocab_size=6, greedy=True)
+    assert int(greedy.max()) < 6
+
+
+def test_samples_do_not_depend_on_the_vocabulary_padding_width():
+    """The padded vocabulary grows with tensor parallelism (a multiple of 8*tp); a seeded draw must not."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(32, 100, generator=gen)
+    padded_tp1 = torch.cat([logits, torch.randn(32, 4, generator=gen)], dim=1)
+    padded_tp2 = torch.cat([logits, torch.randn(32, 12, generator=gen)], dim=1)
+    a, _ = sample_next_tokens(padded_tp1, vocab_size=100, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    b, _ = sample_next_tokens(padded_tp2, vocab_size=100, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    logits = torch.randn(16, 12, generator=torch.Generator().manual_seed(2))
+    a, _ = sample_next_tokens(logits, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    b, _ = sample_next_tokens(logits, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_centre_and_scale_per_group():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0]])
+    adv = group_advantages(rewards)
+    torch.testing.assert_close(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+    assert torch.equal(adv[1], torch.zeros(4))
+    centred = group_advantages(rewards, std_normalize=False)
+    torch.testing.assert_close(centred[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_group_of_one_is_only_centred():
+    assert torch.equal(group_advantages(torch.tensor([[2.0], [5.0]])), torch.zeros(2, 1))
+
+
+def test_group_advantages_refuse_bad_shapes_and_non_finite_rewards():
+    with pytest.raises(ValueError, match="num_prompts, group_size"):
+        group_advantages(torch.ones(4))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        group_advantages(torch.tensor([[1.0, math.nan]]))
+
+
+def test_informative_groups_are_the_non_uniform_ones():
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.5, 0.25]])
+    assert informative_groups(rewards).tolist() == [False, True, False, True]
+
+
+# ----------------------------------------------------------------------------------------- Rollout
+
+
+def _rollout() -> Rollout:
+    """Three sequences of 8 tokens (seq_length 7): prompts of 2, 3, 1 tokens; responses of 3, 2, 0 tokens."""
+    sequences = torch.tensor([
+        [2, 10, 11, 12, 13, 3, 0, 0],
+        [2, 20, 21, 22, 3, 0, 0, 0],
+        [2, 0, 0, 0, 0, 0, 0, 0],
+    ])
+    prompt_lengths = torch.tensor([2, 3, 1])
+    response_lengths = torch.tensor([3, 2, 0])
+    sampler = torch.zeros(3, 8)
+    sampler[0, 2:5] = torch.tensor([-0.1, -0.2, -0.3])
+    sampler[1, 3:5] = torch.tensor([-1.0, -2.0])
+    return Rollout(sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=response_lengths,
+                   sampler_logprobs=sampler, rewards=torch.tensor([1.0, 0.0, 0.0]),
+                   advantages=torch.tensor([0.5, -0.5, 0.0]), old_logprob_sums=torch.tensor([-0.7, -2.5, 0.0]),
+                   behaviour_version=4)
+
+
+def test_response_mask_covers_exactly_the_response_tokens():
+    mask = _rollout().response_token_mask()
+    assert mask.tolist() == [
+        [0, 0, 1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0],
+    ]
+
+
+def test_sampler_logprob_sums_use_the_response_mask():
+    rollout = _rollout()
+    rollout.sampler_logprobs[0, 6] = -9.0  # outside the response: ignored
+    torch.testing.assert_close(rollout.sampler_logprob_sums(), torch.tensor([-0.6, -3.0, 0.0]))
+
+
+def test_select_and_state_dict_round_trip():
+    rollout = _rollout()
+    picked = rollout.select(torch.tensor([2, 0]))
+    assert picked.size == 2 and picked.behaviour_version == 4
+    assert picked.prompt_lengths.tolist() == [1, 2]
+    state = rollout.state_dict()
+    assert "old_token_logprobs" not in state  # None fields are left out
+    again = Rollout.from_state_dict(state)
+    assert torch.equal(again.sequences, rollout.sequences) and again.behaviour_version == 4
+
+
+def test_micro_batches_shift_labels_and_carry_the_rl_fields():
+    rollout = _rollout()
+    batches = micro_batches(rollout, torch.tensor([1, 0]), micro_batch_size=1, ctx=NO_CP)
+    assert len(batches) == 2
+    first = batches[0]  # row 1
+    assert first["tokens"].tolist() == [[2, 20, 21, 22, 3, 0, 0]]
+    assert first["labels"].tolist() == [[20, 21, 22, 3, 0, 0, 0]]
+    # The loss mask marks labels that are response tokens: positions 3, 4 of the sequence -> labels 2, 3.
+    assert first["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 0]]
+    assert first["sampler_logprobs"].tolist() == [[0, 0, -1.0, -2.0, 0, 0, 0]]
+    assert first["advantages"].tolist() == [-0.5]
+    assert first["response_lengths"].tolist() == [2]
+    torch.testing.assert_close(first["sampler_logprob_sums"], torch.tensor([-3.0]))
+    torch.testing.assert_close(first["old_logprob_sums"], torch.tensor([-2.5]))
+    assert batches[1]["advantages"].tolist() == [0.5]
+
+
+def test_micro_batches_refuse_a_ragged_split():
+    with pytest.raises(ValueError, match="micro_batch_size=2"):
+        micro_batches(_rollout(), torch.arange(3), micro_batch_size=2, ctx=NO_CP)
+
+
+def test_segment_ids_name_the_row_of_each_response_label():
+    loss_mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    ids = segment_ids(loss_mask)
+    assert ids.shape == (3, 2)  # [s, b]
+    assert ids.tolist() == [[-1, 1], [0, -1], [0, -1]]
+
+
+# --------------------------------------------------------------------------------- external JSONL
+
+
+def _line(**overrides) -> str:
+    record = {"prompt_tokens": [2, 5], "response_tokens": [6, 3], "sampler_logprobs": [-0.5, -0.1], "reward": 1.0}
+    record.update(overrides)
+    return json.dumps(record)
+
+
+def _reader(tmp_path, lines, group_size=2, seq_length=8):
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return ExternalRollouts(path, group_size=group_size, seq_length=seq_length, pad_id=0, vocab_size=100)
+
+
+def test_external_rollouts_pack_groups_and_wrap_around(tmp_path):
+    reader = _reader(tmp_path, [_line(reward=1.0), _line(reward=0.0), "", _line(reward=0.5), _line(reward=0.25)])
+    batch = reader.next_groups(1)
+    assert batch.sequences.tolist() == [[2, 5, 6, 3, 0, 0, 0, 0, 0]] * 2
+    torch.testing.assert_close(batch.sampler_logprobs[0, 2:4], torch.tensor([-0.5, -0.1]))
+    assert batch.prompt_lengths.tolist() == [2, 2] and batch.response_lengths.tolist() == [2, 2]
+    assert batch.rewards.tolist() == [1.0, 0.0]
+    assert reader.next_groups(1).rewards.tolist() == [0.5, 0.25]
+    assert reader.next_groups(1).rewards.tolist() == [1.0, 0.0]  # wrapped
+    state = reader.state_dict()
+    again = _reader(tmp_path, [_line(reward=1.0), _line(reward=0.0), _line(reward=0.5), _line(reward=0.25)])
+    again.load_state_dict(state)
+    assert again.next_groups(1).rewards.tolist() == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "malformed JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"prompt_tokens": [2], "response_tokens": [3], "reward": 1.0}), "missing key 'sampler_logprobs'"),
+    (_line(response_tokens=[]), "must be non-empty"),
+    (_line(sampler_logprobs=[-0.5]), "has 1 values for 2 response tokens"),
+    (_line(response_tokens=[6, 100]), r"token ids must be integers in \[0, 100\)"),
+    (_line(sampler_logprobs=[-0.5, 0.3]), "finite numbers <= 0"),
+    (_line(sampler_logprobs=[-0.5, "nan"]), "finite numbers <= 0"),
+    (_line(reward=None), "reward must be a finite number"),
+    (_line(reward=True), "reward must be a finite number"),
+])
+def test_external_rollouts_name_file_and_line_of_a_bad_record(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message) as err:
+        _reader(tmp_path, [_line(), "", bad, _line()])
+    assert f"{tmp_path / 'rollouts.jsonl'}:3:" in str(err.value)
+
+
+def test_external_rollouts_refuse_partial_groups_overlong_lines_empty_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="not whole groups of rollout.group_size=2"):
+        _reader(tmp_path, [_line()] * 3)
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:2: prompt \+ response is 12 tokens.*max_seq_length"):
+        _reader(tmp_path, [_line(), _line(prompt_tokens=[2] * 10)])
+    with pytest.raises(ValueError, match="no rollouts in the file"):
+        _reader(tmp_path, ["", "  "])
+    with pytest.raises(FileNotFoundError, match="rollout.jsonl_path="):
+        ExternalRollouts(tmp_path / "missing.jsonl", group_size=2, seq_length=8, pad_id=0, vocab_size=100)
+
+
+def test_external_rollouts_refuse_a_checkpoint_of_another_file(tmp_path):
+    reader = _reader(tmp_path, [_line()] * 4)
+    with pytest.raises(ValueError, match="the file changed since the checkpoint"):
+        reader.load_state_dict({"position": 2, "num_records": 6})
