@@ -99,6 +99,7 @@ def save_checkpoint(engine, directory_root, step: int, extra_state: dict, keep_l
             "layout": _layout(engine.ctx),
             "optimizer": _optimizer_kind(engine),
             "optimizer_saved": with_optimizer,
+            "reference_saved": engine.reference_chunks is not None,
         }
         _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
         _replace_dir(tmp, final)
@@ -210,7 +211,8 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
     load_optimizer = same_optimizer and state["optimizer_saved"]
     if load_optimizer:
         _allocate_adam_state(engine.optimizer)
-    request = _sharded_state(engine, is_loading=True, with_optimizer=load_optimizer)
+    load_reference = engine.reference_chunks is not None and state.get("reference_saved", False)
+    request = _sharded_state(engine, is_loading=True, with_optimizer=load_optimizer, with_reference=load_reference)
     request, local_objects = _split_sharded_objects(request)
     loaded = dist_checkpointing.load(request, str(path / DIST_DIR), common_strategy=_weights_only_common_load())
     _merge_local_objects(loaded, local_objects)
@@ -219,6 +221,16 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
 
     for index, chunk in enumerate(engine.chunks):
         unwrap(chunk).load_state_dict(loaded[f"model{index}"])
+    if engine.reference_chunks is not None:
+        if not load_reference:
+            warnings.warn(f"{path}: no KL reference in this checkpoint; the reference is the loaded policy")
+        for index, chunk in enumerate(engine.reference_chunks):
+            if load_reference:
+                prefix = "reference."
+                source = {key[len(prefix):]: value for key, value in loaded[f"reference{index}"].items()}
+            else:
+                source = loaded[f"model{index}"]
+            unwrap(chunk).load_state_dict(source)
     if load_optimizer:
         with _torch_adam_load_fixes(engine.optimizer):
             engine.optimizer.load_state_dict(loaded["optimizer"])
@@ -337,7 +349,7 @@ def check_dcp_metadata(path: Path) -> None:
 # --------------------------------------------------------------------------------- state contents
 
 
-def _sharded_state(engine, is_loading: bool, with_optimizer: bool = True) -> dict:
+def _sharded_state(engine, is_loading: bool, with_optimizer: bool = True, with_reference: bool = True) -> dict:
     from vespo_megatron.models.gpt import unwrap
 
     state = {f"model{index}": unwrap(chunk).sharded_state_dict() for index, chunk in enumerate(engine.chunks)}
@@ -345,6 +357,10 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool = True) -> dic
         model_state = dict(state)
         state["optimizer"] = engine.optimizer.sharded_state_dict(
             model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": DISTOPT_SHARDING_TYPE})
+    if with_reference and engine.reference_chunks is not None:
+        # The frozen KL reference (rl.kl_coef > 0) under its own key prefix.
+        for index, chunk in enumerate(engine.reference_chunks):
+            state[f"reference{index}"] = unwrap(chunk).sharded_state_dict(prefix="reference.")
     if not is_loading:
         state, _ = _split_sharded_objects(state)
     return state
