@@ -51,7 +51,7 @@ def test_bench_step_json_two_layouts(capsys):
     for row in rows:
         assert "skipped" not in row and "error" not in row, row
         assert len(row["peak_mib_per_rank"]) == row["world"] == len(row["params_per_rank"])
-        for part in ("step_seconds", "forward_backward_seconds", "optimizer_seconds"):
+        for part in ("step_seconds", "forward_backward_seconds", "optimizer_seconds", "cpu_seconds_all_ranks"):
             assert all(_positive(row[part][k]) for k in ("mean", "median", "min")), (part, row)
         assert row["forward_backward_seconds"]["min"] <= row["step_seconds"]["median"] * 10
         assert _positive(row["tokens_per_second"]) and row["tokens_per_step"] == 4 * 16
@@ -67,4 +67,4 @@ def test_bench_step_json_two_layouts(capsys):
     assert max(tp2["params_per_rank"]) < tp1["params_per_rank"][0]
     ratios = out["vespo_vs_grpo"]
     assert [o["layout"] for o in ratios] == ["tp1", "tp2"]
-    assert all(_positive(o["step_ratio_median"]) and _positive(o["peak_mib_ratio"]) for o in ratios)
+    assert all(_positive(o[k]) for o in ratios for k in ("step_ratio_median", "cpu_ratio_median", "peak_mib_ratio"))

@@ -15,7 +15,9 @@ timed steps on a fixed synthetic global batch of ``train.global_batch_size`` seq
 
 Figures: per step, the slowest rank's wall time (a step is as slow as its slowest rank), and the
 forward-backward / optimizer split from ``StepResult.seconds`` (each the slowest rank's); mean and
-median over the timed steps; tokens per second = ``global_batch_size * seq_length`` / mean step time.
+median over the timed steps; tokens per second = ``global_batch_size * seq_length`` / mean step time;
+CPU seconds per step summed over ranks (``time.process_time``), which other load on a shared machine
+disturbs far less than wall time.
 Memory per rank: on CPU the peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in the
 worker after the last step) minus the worker's RSS just before the model is built (imports and process
 groups excluded; weights, gradients, optimizer state, activations, communication buffers included);
@@ -176,13 +178,14 @@ def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_
     last = None
     for index in range(warmup + steps):
         dist.barrier()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         results = one_step(index)
-        total = time.perf_counter() - started
+        total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         last = results[-1]
         if index >= warmup:
             timings.append(dict(
                 total=total,
+                cpu=cpu,
                 forward_backward=sum(r.seconds["forward_backward"] for r in results),
                 optimizer=sum(r.seconds["optimizer"] for r in results),
             ))
@@ -217,6 +220,8 @@ def summarise(per_rank: list[dict], tokens_per_step: int) -> dict:
         grid=per_rank[0]["ctx"],
         metrics=next((r["metrics"] for r in per_rank if r["metrics"]), {}),
     )
+    # CPU seconds of all ranks together: far less sensitive than wall time to other load on the machine.
+    out["cpu_seconds_all_ranks"] = _stats([sum(r["timings"][i]["cpu"] for r in per_rank) for i in range(steps)])
     if per_rank[0]["old_logprob_seconds"] is not None:
         out["old_logprob_seconds"] = max(r["old_logprob_seconds"] for r in per_rank)
     return out
@@ -266,6 +271,7 @@ def overheads(rows: list[dict], loss: str, baseline: str) -> list[dict]:
             step_ratio_median=row["step_seconds"]["median"] / other["step_seconds"]["median"],
             forward_backward_ratio_median=(row["forward_backward_seconds"]["median"]
                                            / other["forward_backward_seconds"]["median"]),
+            cpu_ratio_median=(row["cpu_seconds_all_ranks"]["median"] / other["cpu_seconds_all_ranks"]["median"]),
             peak_mib_ratio=max(row["peak_mib_per_rank"]) / max(other["peak_mib_per_rank"]),
         ))
     return out
@@ -280,7 +286,8 @@ def format_row(r: dict) -> str:
     mem = "/".join(f"{m:.0f}" for m in r["peak_mib_per_rank"])
     extra = f"  old-logp {r['old_logprob_seconds'] * 1e3:6.1f}ms" if "old_logprob_seconds" in r else ""
     return (f"{head}  step {s['mean'] * 1e3:7.1f}/{s['median'] * 1e3:7.1f}ms  fwd-bwd {fb['median'] * 1e3:7.1f}ms  "
-            f"opt {opt['median'] * 1e3:6.1f}ms  {r['tokens_per_second']:8.0f} tok/s  peak {mem} MiB{extra}")
+            f"opt {opt['median'] * 1e3:6.1f}ms  cpu {r['cpu_seconds_all_ranks']['median'] * 1e3:7.1f}ms  "
+            f"{r['tokens_per_second']:8.0f} tok/s  peak {mem} MiB{extra}")
 
 
 def parse_args(argv):
@@ -342,6 +349,7 @@ def main(argv=None) -> int:
             for o in result["vespo_vs_grpo"]:
                 print(f"{o['layout']:<12} vespo/grpo step time x{o['step_ratio_median']:.3f} (median) "
                       f"x{o['step_ratio_mean']:.3f} (mean), fwd-bwd x{o['forward_backward_ratio_median']:.3f}, "
+                      f"cpu x{o['cpu_ratio_median']:.3f}, "
                       f"peak memory x{o['peak_mib_ratio']:.3f}")
     if args.json:
         print(json.dumps(result))
