@@ -239,6 +239,8 @@ def run(config: Config) -> Runner:
         if config.rl.kl_coef > 0:
             runner.engine.freeze_reference()  # the checkpoint restores the reference weights into it
         load_loop_state(runner, checkpoint.load_checkpoint(runner.engine, resume_from))
+        if ctx.is_logging_rank:
+            print(f"resumed from {resume_from} at step {runner.step}", flush=True)
     else:
         if config.rl.sft_warmup_steps:
             supervised_warmup(runner, config.rl.sft_warmup_steps)
