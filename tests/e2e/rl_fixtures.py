@@ -63,7 +63,7 @@ def run_worker(rank, world_size, overrides_):
             "eval_before": runner.eval_before, "eval_after": runner.eval_after}
 
 
-def run_workers(world_size: int, overrides_: list[str], timeout_s: float = 300):
+def run_workers(world_size: int, overrides_: list[str], timeout_s: float = 900):
     from vespo_megatron.runtime.local_workers import run_local_workers
 
     return run_local_workers(run_worker, world_size, overrides_, timeout_s=timeout_s)
@@ -86,7 +86,7 @@ def train_command(overrides_: list[str]) -> list[str]:
     return [sys.executable, "-m", "vespo_megatron.cli", "train", str(CONFIG), *overrides_]
 
 
-def run_cli(args: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], timeout_s: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout_s)
 
 

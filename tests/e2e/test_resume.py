@@ -45,14 +45,14 @@ def _latest_step(ckpt) -> int:
 def test_kill_9_then_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
     reference = overrides(tmp_path, *RESUMABLE, f"logging.run_dir={tmp_path / 'reference'}")
     done = subprocess.run(train_command(reference), cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
     ckpt, run_dir = tmp_path / "ckpt", tmp_path / "killed"
     interrupted = overrides(tmp_path, *RESUMABLE, f"logging.run_dir={run_dir}", f"checkpoint.dir={ckpt}")
     proc = subprocess.Popen(train_command(interrupted), cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while _latest_step(ckpt) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -62,7 +62,7 @@ def test_kill_9_then_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
     assert 2 <= killed_at < STEPS
 
     again = subprocess.run(train_command(interrupted), cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                           timeout=300)
+                           timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _latest_step(ckpt) == STEPS
 
@@ -115,7 +115,7 @@ def test_resume_tp2_checkpoint_with_tp1(tmp_path):
         run_dir = tmp_path / f"tp{tp}_continued"
         out = run_local_workers(_continue_worker, tp, overrides(
             tmp_path, *common, padding[tp], f"parallel.tp={tp}", "train.steps=6", f"checkpoint.dir={ckpt_copy}",
-            f"logging.run_dir={run_dir}"), timeout_s=300)
+            f"logging.run_dir={run_dir}"), timeout_s=900)
         assert out[0]["step"] == 6 and out[0]["iteration"] == 12
         continued[tp], seen[tp] = deterministic_records(run_dir), out[0]
     assert tree_digest(ckpt) == saved
