@@ -384,6 +384,7 @@ class RLConfig:
     sft_lr: Optional[float] = None
     """Learning rate of the warm-up; None uses optimizer.lr."""
     eval_prompts: int = 0
+    """Greedy accuracy on this many held-out prompts before and after RL (0 disables the evaluation)."""
     kl_coef: float = 0.0
     """KL penalty to a frozen reference (the policy when RL starts): each sequence's loss gains
     kl_coef * sg(S - S_ref) * S with S = sum_t log pi(y_t), the score-function gradient of KL(pi || ref).
