@@ -389,7 +389,6 @@ class RLConfig:
     """KL penalty to a frozen reference (the policy when RL starts): each sequence's loss gains
     kl_coef * sg(S - S_ref) * S with S = sum_t log pi(y_t), the score-function gradient of KL(pi || ref).
     0 disables it (no reference model is built)."""
-    """Greedy evaluation on this many held-out prompts before and after training (0 disables it)."""
 
     def __post_init__(self) -> None:
         _require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")
