@@ -174,7 +174,7 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
         lambda: (s := job_fields(job_id, slurm_env).get("JobState")) in {"COMPLETED", "FAILED", "CANCELLED"} and s,
         900, "the requeued job to finish", log,
     )
-    assert final == "COMPLETED", log()
+    assert final == "COMPLETED", f"{job_fields(job_id, slurm_env)}\n{log()}"
 
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, steps + 1)), log()
