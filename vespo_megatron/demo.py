@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from importlib import resources
 from pathlib import Path
 
 DEMO_OVERRIDES = [
@@ -32,11 +31,13 @@ DEMO_OVERRIDES = [
 
 
 def default_config_path() -> Path:
-    """configs/tiny_dense_cpu.yaml from a source checkout, else the copy shipped in the package."""
+    """configs/tiny_dense_cpu.yaml of the source checkout the package is installed from (``pip install -e .``)."""
     checkout = Path(__file__).resolve().parent.parent / "configs" / "tiny_dense_cpu.yaml"
-    if checkout.is_file():
-        return checkout
-    return Path(str(resources.files("vespo_megatron") / "assets" / "tiny_dense_cpu.yaml"))
+    if not checkout.is_file():
+        raise FileNotFoundError(
+            f"{checkout} not found: install from a source checkout (pip install -e .) or pass --config PATH"
+        )
+    return checkout
 
 
 def _worker(rank, world_size, config_path, overrides):
