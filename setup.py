@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -16,7 +16,7 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["vespo_megatron", "vespo_megatron.*"]),
+    packages=find_namespace_packages(include=["vespo_megatron", "vespo_megatron.*"]),
     package_data={"vespo_megatron": ["assets/*"]},
     include_package_data=True,
     install_requires=[

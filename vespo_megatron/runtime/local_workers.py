@@ -68,12 +68,22 @@ def run_local_workers(
 ) -> Sequence[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` forked gloo workers.
 
+    With ``threads_per_worker > 1`` the workers come from a fork server instead, so ``fn`` and ``args``
+    must be picklable (a module-level function).
+
     Returns the list of results ordered by rank. Raises :class:`WorkerError` naming the first
     failing rank (with its traceback) if any worker raises, exits abnormally or exceeds ``timeout_s``.
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    ctx = mp.get_context("fork")
+    # Forking is fastest (the parent's imports are inherited), but a forked child must not run OpenMP
+    # parallel regions once the parent has: GNU OpenMP's thread pool does not survive fork and the child
+    # hangs. Single-threaded workers never enter one; multi-threaded ones start from a fresh fork server.
+    if threads_per_worker == 1:
+        ctx = mp.get_context("fork")
+    else:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch"])
     results = ctx.Queue()
     port = free_port()
     procs = [
