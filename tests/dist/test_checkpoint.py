@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.dist.equivalence_harness import DENSE, micro_batches
-from vespo_megatron.runtime.local_workers import WorkerError, run_local_workers
+from vespo_megatron.runtime.local_workers import run_local_workers
 
 pytestmark = pytest.mark.slow
 

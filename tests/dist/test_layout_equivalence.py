@@ -5,7 +5,6 @@ dist-checkpointing) on gloo; see tests/dist/equivalence_harness.py for how shard
 """
 
 import pytest
-import torch
 
 from tests.dist.equivalence_harness import DENSE, MOE, compare_layout
 

@@ -149,7 +149,7 @@ def test_activations_scale_with_sequence_and_tp():
 
 def test_activation_formula_dense_small():
     config = load_config(None, ["model.transformer_impl=transformer_engine", "train.micro_batch_size=1"])
-    s, h, a, f = 64, 64, 4, 192
+    s, h, f = 64, 64, 192
     expected = 4 * s * h + s * h * 3 + s * h + s * f * 3  # norms, Q/K/V, attention output, SwiGLU MLP
     assert estimates.activation_elements_per_layer(config) == expected
 

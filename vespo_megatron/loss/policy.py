@@ -9,7 +9,6 @@ path, which only holds per-sequence sums.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
