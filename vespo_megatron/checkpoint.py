@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.runtime.files import fsync_dir, write_atomic
+
 FORMAT_VERSION = 1
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
@@ -88,7 +90,7 @@ def save_checkpoint(engine, directory_root, step: int, extra_state: dict, keep_l
 
     dist_checkpointing.save(_sharded_state(engine, is_loading=False, with_optimizer=with_optimizer),
                             str(tmp / DIST_DIR))
-    _all_ranks_or_none(lambda: _write_atomic(tmp / RANKS_DIR / f"rank_{rank:05d}.pt", rank_file))
+    _all_ranks_or_none(lambda: write_atomic(tmp / RANKS_DIR / f"rank_{rank:05d}.pt", rank_file))
 
     def publish() -> None:
         state = {
@@ -101,9 +103,9 @@ def save_checkpoint(engine, directory_root, step: int, extra_state: dict, keep_l
             "optimizer_saved": with_optimizer,
             "reference_saved": engine.reference_chunks is not None,
         }
-        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
+        write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1).encode())
         _replace_dir(tmp, final)
-        _write_atomic(root / LATEST_FILE, f"{step}\n".encode())
+        write_atomic(root / LATEST_FILE, f"{step}\n".encode())
         _prune(root, keep_last if keep_last is not None else engine.config.checkpoint.keep_last, keep=final)
 
     _all_ranks_or_none(lambda: publish() if rank == 0 else None)
@@ -128,7 +130,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
@@ -140,27 +142,6 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for stale in root.glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ------------------------------------------------------------------------------------------- find
 
 
 def _complete_steps(root: Path) -> list[int]:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Mapping
 
+from vespo_megatron.runtime.files import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 TENSORBOARD_DIR = "tensorboard"
@@ -68,16 +70,6 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    """Replace `path` atomically with `text` (temp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _complete_lines(path: Path) -> list[str]:
     """The parseable lines of a JSONL file, each ending in a newline; a torn tail is dropped."""
     if not path.exists():
@@ -124,7 +116,7 @@ class MetricsLogger:
         if config_dict is not None:
             self._write_config(config_dict)
         if resume:
-            _fsync_write(self.metrics_path, "".join(_complete_lines(self.metrics_path)))
+            write_atomic(self.metrics_path, "".join(_complete_lines(self.metrics_path)))
         self._file = open(self.metrics_path, "a" if resume else "w")
         if tensorboard:
             self._open_tensorboard(purge_step=None)
@@ -158,7 +150,7 @@ class MetricsLogger:
             return
         self._file.close()
         kept = [line for line in _complete_lines(self.metrics_path) if json.loads(line)["step"] <= step]
-        _fsync_write(self.metrics_path, "".join(kept))
+        write_atomic(self.metrics_path, "".join(kept))
         self._file = open(self.metrics_path, "a")
         if self._tb is not None:
             self._tb.close()
@@ -185,7 +177,7 @@ class MetricsLogger:
     def _write_config(self, config_dict: Mapping[str, Any]) -> None:
         import yaml
 
-        _fsync_write(self.run_dir / CONFIG_FILE, yaml.safe_dump(dict(config_dict), sort_keys=False))
+        write_atomic(self.run_dir / CONFIG_FILE, yaml.safe_dump(dict(config_dict), sort_keys=False))
 
     def _open_tensorboard(self, purge_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -200,7 +192,7 @@ class MetricsLogger:
             run_id = id_path.read_text().strip()
         else:
             run_id = self._wandb.util.generate_id()
-            _fsync_write(id_path, run_id + "\n")
+            write_atomic(id_path, run_id + "\n")
         return self._wandb.init(
             project=project,
             dir=str(self.run_dir),

@@ -166,7 +166,7 @@ def _save_prune_crash(rank, world, root):
     root = Path(root)
     engine = _engine([])
     pointer_writes = []
-    write_atomic = ck._write_atomic
+    write_atomic = ck.write_atomic
 
     def spy(path, data):
         if path.name == ck.LATEST_FILE:
@@ -175,7 +175,7 @@ def _save_prune_crash(rank, world, root):
                                    (root / f"step_{step:08d}.tmp").exists()))
         write_atomic(path, data)
 
-    ck._write_atomic = spy
+    ck.write_atomic = spy
     for step in (1, 2, 3, 4):
         ck.save_checkpoint(engine, root, step, {"step": step}, keep_last=2)
     kept = sorted(p.name for p in root.iterdir())
