@@ -169,6 +169,26 @@ def shard_softmax_(h_rows, lse_rows, weight_aug, buffer) -> torch.Tensor:
     return shard_logits(h_aug, weight_aug, buffer).exp_()
 
 
+def shard_grads(ctx, hidden, weight, targets, rows, lse_full, coef):
+    """An autograd backward's ``(grad_hidden [s, b, h], grad_weight)`` on this rank's vocabulary shard.
+
+    ``coef`` is dL/d log pi per token (of ``rows``, or of every token when ``rows`` is None); ``ctx``
+    carries ``vocab_start``, ``chunk_size`` and ``needs_input_grad`` of the calling Function.
+    """
+    s, b, h = hidden.shape
+    weight_c = weight.to(compute_dtype(weight.dtype))
+    grad_hidden, grad_weight = chunked_grads(
+        hidden.reshape(s * b, h), weight_c, targets.reshape(s * b), rows, lse_full, coef.to(weight_c.dtype),
+        vocab_start=ctx.vocab_start, chunk_size=ctx.chunk_size,
+        need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+    )
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.reshape(s, b, h)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
+
+
 def _take(hidden_flat, targets_flat, rows, start, end):
     if rows is None:
         return hidden_flat[start:end], targets_flat[start:end]
@@ -245,18 +265,8 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs):
         hidden, weight, targets, lse_full = ctx.saved_tensors
-        s, b, h = hidden.shape
-        weight_c = weight.to(compute_dtype(weight.dtype))
-        grad_hidden, grad_weight = chunked_grads(
-            hidden.reshape(s * b, h), weight_c, targets.reshape(s * b), None, lse_full,
-            grad_logprobs.reshape(s * b).to(weight_c.dtype),
-            vocab_start=ctx.vocab_start, chunk_size=ctx.chunk_size,
-            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-        )
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.reshape(s, b, h)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        coef = grad_logprobs.reshape(-1).to(compute_dtype(weight.dtype))
+        grad_hidden, grad_weight = shard_grads(ctx, hidden, weight, targets, None, lse_full, coef)
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -27,7 +27,7 @@ from vespo_megatron.loss.logprobs import (
     DEFAULT_CHUNK_SIZE,
     check_logprob_inputs,
     check_targets_in_vocab,
-    chunked_grads,
+    shard_grads,
     chunked_token_stats,
     compute_dtype,
     exchange_token_stats,
@@ -102,23 +102,13 @@ class _SequenceLogprobSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums, _grad_extras):
         hidden, weight, targets, rows, segments, lse_slice = ctx.saved_tensors
-        s, b, h = hidden.shape
-        weight_c = weight.to(compute_dtype(weight.dtype))
         if group_size(ctx.tp_group) == 1:
             lse_full = lse_slice
         else:
             lse_full = gather_token_slices(lse_slice[None], rows.numel(), ctx.tp_group)[0]
         # dL/dS_seq is already the same on every rank: no all-reduce here (see module docstring).
-        coef = grad_sums.to(weight_c.dtype).index_select(0, segments)
-        grad_hidden, grad_weight = chunked_grads(
-            hidden.reshape(s * b, h), weight_c, targets.reshape(s * b), rows, lse_full, coef,
-            vocab_start=ctx.vocab_start, chunk_size=ctx.chunk_size,
-            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-        )
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.reshape(s, b, h)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        coef = grad_sums.to(compute_dtype(weight.dtype)).index_select(0, segments)
+        grad_hidden, grad_weight = shard_grads(ctx, hidden, weight, targets, rows, lse_full, coef)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
