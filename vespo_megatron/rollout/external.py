@@ -12,12 +12,13 @@ run continues with the next unread line.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from vespo_megatron.tasks.jsonl import parse_jsonl_record
 
 REQUIRED_KEYS = ("prompt_tokens", "response_tokens", "sampler_logprobs", "reward")
 
@@ -32,15 +33,7 @@ class ExternalBatch:
 
 
 def _parse_line(raw: str, where: str, vocab_size: int) -> dict:
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: malformed JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-    for key in REQUIRED_KEYS:
-        if key not in record:
-            raise ValueError(f"{where}: missing key {key!r} (need {list(REQUIRED_KEYS)})")
+    record = parse_jsonl_record(raw, where, REQUIRED_KEYS)
     prompt, response, logprobs = record["prompt_tokens"], record["response_tokens"], record["sampler_logprobs"]
     if not prompt or not response:
         raise ValueError(f"{where}: prompt_tokens and response_tokens must be non-empty")

@@ -14,6 +14,22 @@ from vespo_megatron.tasks.base import PromptStream, Sample, Task
 from vespo_megatron.tasks.math_verify import math_reward
 
 
+def parse_jsonl_record(line: str, where: str, required_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """One JSONL line as a dict holding ``required_keys``; errors start with ``where`` (``file:line``)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in required_keys:
+        if key not in record:
+            raise ValueError(
+                f"{where}: missing key {key!r} (keys present: {sorted(record)}); every record needs {list(required_keys)}"
+            )
+    return record
+
+
 def load_jsonl(path: str | Path, required_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Records of a JSONL file, one JSON object a line (blank lines skipped); errors name the file and line."""
     path = Path(path)
@@ -24,19 +40,7 @@ def load_jsonl(path: str | Path, required_keys: Sequence[str] = ()) -> list[dict
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            for key in required_keys:
-                if key not in record:
-                    raise ValueError(
-                        f"{path}:{line_no}: missing key {key!r} (keys present: {sorted(record)}); "
-                        f"every record needs {list(required_keys)}"
-                    )
-            records.append(record)
+            records.append(parse_jsonl_record(line, f"{path}:{line_no}", required_keys))
     if not records:
         raise ValueError(f"JSONL prompt file {str(path)!r} holds no records; it needs at least one JSON object line")
     return records
