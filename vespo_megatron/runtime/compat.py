@@ -18,7 +18,6 @@ Shims (id, upstream target):
       split sizes stay tensors and ``all_to_all_single`` rejects them.
 - P8  ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with
       uneven split sizes: gloo has no uneven all-gather/reduce-scatter.
-- P9  ``transformer.moe.grouped_gemm_util.grouped_gemm``: the grouped-GEMM extension is CUDA-only.
 - P10 ``torch`` tensor factories and ``Tensor.cuda``: schedules, the optimizer and dist-ckpt hard-code
       ``device="cuda"``.
 - P11 ``torch.Tensor.type``: Megatron checks ``param.type() == 'torch.cuda.FloatTensor'``.
@@ -31,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import queue
-import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -278,36 +276,6 @@ def shim_uneven_split_mappings() -> None:
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
 
 
-# ---------------------------------------------------------------------------------------------- P9
-
-
-def _loop_gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes, trans_b: bool = False) -> torch.Tensor:
-    """Grouped GEMM as a loop over experts: rows of ``a`` in expert order times each expert's ``b``."""
-    outputs = []
-    start = 0
-    for expert, count in enumerate(batch_sizes.tolist() if torch.is_tensor(batch_sizes) else batch_sizes):
-        weight = b[expert].t() if trans_b else b[expert]
-        outputs.append(a[start : start + count] @ weight)
-        start += count
-    if not outputs:
-        return a.new_zeros((0, b.shape[1] if trans_b else b.shape[-1]))
-    return torch.cat(outputs, dim=0)
-
-
-@_once("P9")
-def shim_grouped_gemm() -> None:
-    from megatron.core.transformer.moe import experts, grouped_gemm_util
-
-    if grouped_gemm_util.grouped_gemm is not None:
-        return
-    backend = types.SimpleNamespace(gmm=_loop_gmm)
-    backend.ops = backend
-    grouped_gemm_util.grouped_gemm = backend
-    grouped_gemm_util.ops = backend
-    if hasattr(experts, "gg"):
-        experts.gg = grouped_gemm_util
-
-
 # ---------------------------------------------------------------------------------------------- P10
 
 _FACTORIES = (
@@ -395,7 +363,6 @@ SHIMS: tuple[Shim, ...] = (
         shim_maybe_move_tensor_to_cpu,
     ),
     Shim("P8", "megatron.core.tensor_parallel.mappings._gather_along_first_dim", shim_uneven_split_mappings),
-    Shim("P9", "megatron.core.transformer.moe.grouped_gemm_util.grouped_gemm", shim_grouped_gemm),
     Shim("P10", "torch.zeros(..., device='cuda') and other factories", shim_cuda_device_factories),
     Shim("P11", "torch.Tensor.type", shim_tensor_type),
     Shim(

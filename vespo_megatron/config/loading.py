@@ -1,0 +1,109 @@
+"""YAML loading, ``section.key=value`` overrides and type coercion."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+from vespo_megatron.config.errors import ConfigError, _require
+from vespo_megatron.config.run import Config
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = get_origin(annotation)
+    if origin is Optional or (origin is not None and type(None) in get_args(annotation)):
+        if value is None:
+            return None
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        _require(value in allowed, f"{where}={value!r} is not one of {list(allowed)}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        _require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
+        return _build(annotation, value, where)
+    if annotation is bool:
+        _require(isinstance(value, bool), f"{where}={value!r} must be true or false")
+        return value
+    if annotation is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer")
+        return value
+    if annotation is float:
+        # YAML 1.1 reads exponents without a dot (1e-6, 3e-4) as strings; accept them as numbers.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}={value!r} must be a number"
+        )
+        return float(value)
+    if annotation is str:
+        _require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    prefix = f"{where}." if where else ""
+    _require(not unknown, f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(names)}")
+    kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a :class:`Config` from nested plain data (unknown keys and wrong types are errors)."""
+    return _build(Config, data or {}, "")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["parallel.tp=2", "loss.name=grpo"]`` into a nested dict; values are parsed as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _require(bool(sep) and bool(key), f"override {item!r} must look like section.key=value")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), f"override {item!r} conflicts with another override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        _require(isinstance(data, dict), f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain nested data (for saving next to checkpoints and metrics)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,56 @@
+"""The `parallel` section: how ranks are arranged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from vespo_megatron.config.errors import _require
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How ranks are arranged. The data-parallel size is derived: world / (tp * pp * cp)."""
+
+    tp: int = 1
+    """Tensor-parallel size: attention heads, MLP columns and the vocabulary are split over tp ranks."""
+    sequence_parallel: bool = False
+    """Split activations along the sequence over the tp ranks in norm/dropout regions (needs tp > 1)."""
+    pp: int = 1
+    """Pipeline-parallel size: transformer layers are split into pp stages."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per pipeline rank (interleaved schedule); None disables interleaving."""
+    cp: int = 1
+    """Context-parallel size: every sequence is split into 2*cp load-balanced chunks over cp ranks."""
+    ep: int = 1
+    """Expert-parallel size: MoE experts are split over ep ranks."""
+    etp: Optional[int] = None
+    """Expert-tensor-parallel size: each expert's weights are split over etp ranks; None means etp = tp."""
+    batch_p2p_comm: Optional[bool] = None
+    """Batch pipeline send/recv into one call; None picks False for vpp with pp=2 (required on gloo)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp", "ep"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"parallel.{name}={value!r} must be an integer >= 1")
+        _require(self.vpp is None or self.vpp >= 1, f"parallel.vpp={self.vpp!r} must be None or >= 1")
+        _require(self.etp is None or self.etp >= 1, f"parallel.etp={self.etp!r} must be None or >= 1")
+        _require(
+            not (self.sequence_parallel and self.tp == 1),
+            "parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp",
+        )
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one copy of the dense model: tp * pp * cp."""
+        return self.tp * self.pp * self.cp
+
+    def dp(self, world_size: int) -> int:
+        return world_size // self.model_parallel
+
+    def expert_dp(self, world_size: int) -> int:
+        return world_size // (self.expert_tp * self.ep * self.pp)

@@ -1,0 +1,120 @@
+"""The `loss`, `rollout`, `rl` and `task` sections."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from vespo_megatron.config.errors import _require
+from vespo_megatron.loss.kernel import CorrectionParams
+from vespo_megatron.loss.policy import CispoParams, GrpoParams, GspoParams, SapoParams, VespoParams
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The policy loss: its name, aggregation, the train/inference correction and each loss's parameters."""
+
+    name: Literal["vespo", "grpo", "gspo", "sapo", "cispo"] = "vespo"
+    """Loss from the registry (vespo_megatron.loss.policy); docs/loss.md has every formula."""
+    aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    """Normaliser over the whole update (all micro-batches, all data-parallel ranks)."""
+    chunk_size: int = 1024
+    """Tokens whose vocabulary-parallel logits are materialised at once in the loss."""
+    correction: CorrectionParams = field(default_factory=CorrectionParams)
+    """Train/inference correction between the trainer's old-policy log-probs and the sampler's."""
+    vespo: VespoParams = field(default_factory=VespoParams)
+    """VESPO kernel parameters (k, lambda per advantage sign; length_normalize ablation)."""
+    grpo: GrpoParams = field(default_factory=GrpoParams)
+    """GRPO token clip parameters."""
+    gspo: GspoParams = field(default_factory=GspoParams)
+    """GSPO sequence-ratio clip parameters."""
+    sapo: SapoParams = field(default_factory=SapoParams)
+    """SAPO soft-gate temperatures."""
+    cispo: CispoParams = field(default_factory=CispoParams)
+    """CISPO IS-weight clip parameters."""
+
+    def __post_init__(self) -> None:
+        _require(self.chunk_size >= 1, f"loss.chunk_size={self.chunk_size} must be >= 1")
+
+    def params(self):
+        """The selected loss's parameters, carrying ``loss.correction``."""
+        return dataclasses.replace(getattr(self, self.name), correction=self.correction)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How responses are produced for each RL step."""
+
+    source: Literal["model", "jsonl"] = "model"
+    """'model': sample with the Megatron policy itself; 'jsonl': read an inference engine's rollouts."""
+    jsonl_path: Optional[str] = None
+    """With source=jsonl: file of {prompt_tokens, response_tokens, sampler_logprobs, reward?, ...} lines."""
+    prompts_per_step: int = 8
+    """Prompts per RL step (over all data-parallel ranks)."""
+    group_size: int = 4
+    """Responses sampled per prompt (the GRPO group)."""
+    max_new_tokens: int = 8
+    """Response budget in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer's log-probs use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1.0 disables it."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables it."""
+    routing_replay: bool = False
+    """MoE: record each token's experts when computing behaviour log-probs and replay them in training."""
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")
+        _require(self.group_size >= 1, f"rollout.group_size={self.group_size} must be >= 1")
+        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
+        _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
+        _require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 disables it)")
+        _require(
+            self.source != "jsonl" or bool(self.jsonl_path),
+            "rollout.source=jsonl needs rollout.jsonl_path=<file of external rollouts>",
+        )
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """The RL loop: advantages, staleness and asynchrony."""
+
+    num_minibatches: int = 1
+    """N: each rollout batch is split into N mini-batches applied in sequence (the staleness knob)."""
+    async_lag: int = 0
+    """K: rollouts come from the policy as it was K optimizer updates ago (simulated asynchrony)."""
+    std_normalize_advantages: bool = True
+    """Divide group-centred rewards by the group's std (GRPO); false keeps mean-centring only."""
+    filter_uniform_groups: bool = False
+    """Drop groups whose rewards are all equal (they carry no advantage signal)."""
+    sft_warmup_steps: int = 0
+    """Supervised steps on the task's reference answers before RL starts."""
+    sft_lr: Optional[float] = None
+    """Learning rate of the warm-up; None uses optimizer.lr."""
+    eval_prompts: int = 0
+    """Greedy accuracy on this many held-out prompts before and after RL (0 disables the evaluation)."""
+    kl_coef: float = 0.0
+    """KL penalty to a frozen reference (the policy when RL starts): each sequence's loss gains
+    kl_coef * sg(S - S_ref) * S with S = sum_t log pi(y_t), the score-function gradient of KL(pi || ref).
+    0 disables it (no reference model is built)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")
+        _require(self.async_lag >= 0, f"rl.async_lag={self.async_lag} must be >= 0")
+        _require(self.sft_warmup_steps >= 0, f"rl.sft_warmup_steps={self.sft_warmup_steps} must be >= 0")
+        _require(self.kl_coef >= 0, f"rl.kl_coef={self.kl_coef} must be >= 0 (0 disables the KL penalty)")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    """Prompts and verifiable rewards."""
+
+    name: Literal["arithmetic", "math", "jsonl"] = "arithmetic"
+    """Task from vespo_megatron.tasks (docs/tasks.md)."""
+    options: dict = field(default_factory=dict)
+    """Keyword options of the task (e.g. max_operand for arithmetic, path and reward_fn for jsonl)."""
+    tokenizer: Optional[str] = None
+    """sentencepiece model file; None uses the tiny model shipped with the package."""

@@ -1,0 +1,205 @@
+"""Cross-section checks that run before any process group exists."""
+
+from __future__ import annotations
+
+from vespo_megatron.config.errors import _divisors, _require
+from vespo_megatron.config.model import ModelConfig
+from vespo_megatron.config.parallel import ParallelConfig
+from vespo_megatron.config.run import Config
+
+
+def validate(config: Config, world_size: int) -> None:
+    """Reject every layout that would fail or hang once process groups exist.
+
+    Runs in pure Python (no torch.distributed); raises :class:`ConfigError` naming fields and a fix.
+    """
+    _require(world_size >= 1, f"world_size={world_size} must be >= 1")
+    _validate_grid(config.parallel, world_size)
+    _validate_model_split(config.parallel, config.model)
+    _validate_experts(config.parallel, config.model, world_size)
+    _validate_batch(config, world_size)
+    _validate_rl(config, world_size)
+
+
+def _validate_grid(par: ParallelConfig, world_size: int) -> None:
+    dense = par.model_parallel
+    _require(
+        world_size % dense == 0,
+        f"world size {world_size} is not divisible by parallel.tp*pp*cp = {par.tp}*{par.pp}*{par.cp} = {dense}; "
+        f"use a world size that is a multiple of {dense} or change tp/pp/cp",
+    )
+    expert = par.expert_tp * par.ep * par.pp
+    _require(
+        world_size % expert == 0,
+        f"world size {world_size} is not divisible by parallel.etp*ep*pp = {par.expert_tp}*{par.ep}*{par.pp} "
+        f"= {expert} (the expert grid); change ep or etp",
+    )
+    _require(
+        par.vpp is None or par.pp > 1,
+        f"parallel.vpp={par.vpp} needs parallel.pp > 1 (got pp={par.pp}); set vpp=null or raise pp",
+    )
+    _require(
+        not (par.vpp and par.pp == 2 and par.batch_p2p_comm),
+        "parallel.batch_p2p_comm=true with pp=2 and vpp set mismatches messages (prev and next stage are the "
+        "same peer); set parallel.batch_p2p_comm=false or null",
+    )
+
+
+def _validate_model_split(par: ParallelConfig, model: ModelConfig) -> None:
+    _require(
+        model.num_attention_heads % par.tp == 0,
+        f"model.num_attention_heads={model.num_attention_heads} is not divisible by parallel.tp={par.tp}; "
+        f"use tp in {_divisors(model.num_attention_heads)}",
+    )
+    _require(
+        model.query_groups % par.tp == 0,
+        f"model.num_query_groups={model.query_groups} is not divisible by parallel.tp={par.tp}; "
+        f"use tp in {_divisors(model.query_groups)} or raise num_query_groups",
+    )
+    _require(
+        model.ffn_size % par.tp == 0,
+        f"model.ffn_hidden_size={model.ffn_size} is not divisible by parallel.tp={par.tp}",
+    )
+    stages = par.pp * (par.vpp or 1)
+    _require(
+        model.num_layers % stages == 0,
+        f"model.num_layers={model.num_layers} is not divisible by parallel.pp*vpp = {par.pp}*{par.vpp or 1} = "
+        f"{stages}; use num_layers a multiple of {stages} or pp*vpp in {_divisors(model.num_layers)}",
+    )
+    _require(
+        model.num_layers // stages >= 1,
+        f"model.num_layers={model.num_layers} leaves an empty pipeline chunk with pp*vpp={stages}",
+    )
+    if par.cp > 1:
+        _require(
+            model.max_seq_length % (2 * par.cp) == 0,
+            f"model.max_seq_length={model.max_seq_length} must be divisible by 2*parallel.cp={2 * par.cp} "
+            "(context parallelism splits every sequence into 2*cp chunks)",
+        )
+    if par.sequence_parallel:
+        _require(
+            model.max_seq_length % (par.tp * par.cp * 2 if par.cp > 1 else par.tp) == 0,
+            f"model.max_seq_length={model.max_seq_length} must be divisible by parallel.tp={par.tp}"
+            + (f" * 2*cp={2 * par.cp}" if par.cp > 1 else "")
+            + " with sequence_parallel=true",
+        )
+
+
+def _validate_experts(par: ParallelConfig, model: ModelConfig, world_size: int) -> None:
+    if not model.is_moe:
+        _require(
+            par.ep == 1 and par.etp in (None, par.tp),
+            f"parallel.ep={par.ep} / parallel.etp={par.etp} are set but model.num_experts is null (a dense model); "
+            "set ep=1 and etp=null, or set model.num_experts",
+        )
+        return
+    _require(
+        model.num_experts % par.ep == 0,
+        f"parallel.ep={par.ep} does not divide model.num_experts={model.num_experts}; "
+        f"use ep in {_divisors(model.num_experts)}",
+    )
+    _require(
+        par.tp == 1 or par.sequence_parallel,
+        f"MoE with parallel.tp={par.tp} requires parallel.sequence_parallel=true (Megatron's MoE layer needs it)",
+    )
+    _require(
+        par.expert_tp == 1 or not model.add_bias_linear,
+        f"parallel.etp={par.expert_tp} > 1 requires model.add_bias_linear=false",
+    )
+    _require(
+        not (par.ep == 1 and par.expert_tp != par.tp),
+        f"parallel.ep=1 with parallel.etp={par.expert_tp} != tp={par.tp} leaves replicated expert weights "
+        "un-reduced across tensor-parallel ranks (wrong gradients); set etp=null (= tp) or raise ep",
+    )
+    expert_ffn = model.moe_ffn_hidden_size or model.ffn_size
+    _require(
+        expert_ffn % par.expert_tp == 0,
+        f"model.moe_ffn_hidden_size={expert_ffn} is not divisible by parallel.etp={par.expert_tp}",
+    )
+    shared = model.moe_shared_expert_intermediate_size
+    _require(
+        shared is None or shared % par.tp == 0,
+        f"model.moe_shared_expert_intermediate_size={shared} is not divisible by parallel.tp={par.tp} "
+        "(the shared expert is tensor-parallel like a dense MLP)",
+    )
+
+
+def _validate_batch(config: Config, world_size: int) -> None:
+    dp = config.parallel.dp(world_size)
+    train = config.train
+    per_update = train.micro_batch_size * dp
+    _require(
+        train.global_batch_size % per_update == 0,
+        f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size*dp = "
+        f"{train.micro_batch_size}*{dp} = {per_update}; use a multiple of {per_update}",
+    )
+    num_micro = train.global_batch_size // per_update
+    vpp = config.parallel.vpp
+    if vpp:
+        _require(
+            num_micro % config.parallel.pp == 0,
+            f"the interleaved schedule needs micro-batches per update ({num_micro} = global_batch_size / "
+            f"(micro_batch_size*dp)) to be a multiple of parallel.pp={config.parallel.pp}",
+        )
+    _require(
+        config.seq_length <= config.model.max_seq_length,
+        f"train.seq_length={config.seq_length} exceeds model.max_seq_length={config.model.max_seq_length}",
+    )
+    # The batches are padded to train.seq_length, which the model.max_seq_length checks do not cover.
+    par, seq = config.parallel, config.seq_length
+    if par.cp > 1:
+        _require(
+            seq % (2 * par.cp) == 0,
+            f"train.seq_length={seq} must be divisible by 2*parallel.cp={2 * par.cp} "
+            "(context parallelism splits every sequence into 2*cp chunks)",
+        )
+    if par.sequence_parallel:
+        _require(
+            seq % (par.tp * par.cp) == 0,
+            f"train.seq_length={seq} must be divisible by parallel.tp*cp={par.tp * par.cp} with "
+            "sequence_parallel=true (each tensor-parallel rank holds seq_length/(tp*cp) tokens)",
+        )
+
+
+def _validate_rl(config: Config, world_size: int) -> None:
+    dp = config.parallel.dp(world_size)
+    rollout, rl, micro = config.rollout, config.rl, config.train.micro_batch_size
+    _require(
+        rollout.prompts_per_step % dp == 0,
+        f"rollout.prompts_per_step={rollout.prompts_per_step} is not divisible by the data-parallel size {dp}; "
+        "every data-parallel rank samples its own share of prompts",
+    )
+    sequences = rollout.prompts_per_step * rollout.group_size // dp
+    per_update = rl.num_minibatches * micro
+    _require(
+        sequences % per_update == 0,
+        f"each data-parallel rank holds rollout.prompts_per_step*group_size/dp = {sequences} sequences per step, "
+        f"not divisible by rl.num_minibatches*train.micro_batch_size = {rl.num_minibatches}*{micro}; "
+        "change prompts_per_step, group_size, num_minibatches or micro_batch_size",
+    )
+    if config.parallel.vpp:
+        micro_per_update = sequences // per_update
+        _require(
+            micro_per_update % config.parallel.pp == 0,
+            f"the interleaved schedule needs micro-batches per RL update ({micro_per_update}) to be a multiple of "
+            f"parallel.pp={config.parallel.pp}",
+        )
+    _require(
+        not (config.loss.name == "gspo" and config.parallel.cp > 1),
+        "loss.name=gspo needs each sequence's mean log-ratio on one rank; it does not support parallel.cp > 1 "
+        "(use vespo, grpo, sapo or cispo with context parallelism)",
+    )
+    _require(
+        config.loss.correction.level == "sequence" or config.loss.name != "vespo",
+        "loss.correction.level=token is not available with loss.name=vespo, whose sequence-parallel path only "
+        "has per-sequence sums; use loss.correction.level=sequence",
+    )
+    _require(
+        not (rl.kl_coef > 0 and config.loss.name != "vespo" and config.parallel.cp > 1),
+        f"rl.kl_coef > 0 with loss.name={config.loss.name} needs whole sequences per rank; it does not support "
+        "parallel.cp > 1 (VESPO's sequence-parallel path does)",
+    )
+    _require(
+        not rollout.routing_replay or config.model.is_moe,
+        "rollout.routing_replay=true needs an MoE model (model.num_experts is null)",
+    )
