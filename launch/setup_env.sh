@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Create ./.venv with Python 3.12 and install vespo_megatron with everything a CPU machine needs:
+# torch 2.13.0, megatron-core 0.19.x, transformers, Megatron-Bridge (HF import/export) and, with `test`,
+# pytest. Usage: bash launch/setup_env.sh [test]    (PYTHON=/path/to/python3.12 picks the interpreter)
+#
+# Megatron-Bridge 0.6 requires Python >= 3.12, < 3.13. Without a Python 3.12 on the machine, install one
+# first (pyenv install 3.12, `uv python install 3.12`, or your distribution's python3.12 package) and
+# point PYTHON at it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python312() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3.12 python3 python; do
+        [[ -n "$candidate" ]] || continue
+        if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+            command -v "$candidate"; return 0
+        fi
+    done
+    # pyenv's shims answer only for a selected version; look in its versions directly.
+    if command -v pyenv >/dev/null 2>&1; then
+        for candidate in "$(pyenv root)"/versions/3.12*/bin/python3.12; do
+            [[ -x "$candidate" ]] && { echo "$candidate"; return 0; }
+        done
+    fi
+    return 1
+}
+
+if [[ ! -x .venv/bin/python ]] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    PY=$(find_python312) || {
+        echo "setup_env: no Python 3.12 found (tried \$PYTHON, python3.12, python3, pyenv versions);" \
+             "install one (pyenv install 3.12 / uv python install 3.12 / apt install python3.12) and set PYTHON" >&2
+        exit 2
+    }
+    rm -rf .venv
+    "$PY" -m venv .venv
+fi
+
+PIP=(.venv/bin/python -m pip --quiet --disable-pip-version-check)
+EXTRAS="hf"
+[[ "${1:-}" == "test" ]] && EXTRAS="hf,test"
+# torch is pinned: an unpinned torch pulls a newer CUDA build.
+"${PIP[@]}" install "torch==2.13.0" -e ".[${EXTRAS}]"
+# Megatron-Bridge declares GPU-only dependencies (mamba-ssm and others) that do not build on a CPU
+# machine; the packages it really imports come with the `hf` extra above.
+"${PIP[@]}" install --no-deps "megatron-bridge==0.6.2"
+echo "setup_env: ready ($(.venv/bin/python --version), $(.venv/bin/python -c 'import megatron.core as m; print("megatron-core", m.__version__)' 2>/dev/null))"
