@@ -256,3 +256,9 @@ def test_demo_cli_smoke(tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"demo: reward \d\.\d{3} -> \d\.\d{3}", last), result.stdout
     assert len(deterministic_records(tmp_path / "demo")) >= 3
+    # Megatron's CPU start-up notices (apex/TE fallbacks, CUDA_DEVICE_MAX_CONNECTIONS, cuda graph scope,
+    # the rerun state machine) stay out of the demo's output.
+    output = result.stdout + result.stderr
+    for notice in ("Apex", "CUDA_DEVICE_MAX_CONNECTIONS", "full scope is deprecated", "Rerun State Machine",
+                   "RerunStateMachine", "GPTModel IS DEPRECATED", "No CUDA runtime"):
+        assert notice not in output, (notice, output[-3000:])

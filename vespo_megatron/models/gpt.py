@@ -53,6 +53,8 @@ def transformer_config(config: Config, vocab_size: int):
     bf16 = model.dtype == "bf16"
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
+        # No CUDA graphs; an empty module list says so without Megatron's "full scope" deprecation notice.
+        cuda_graph_modules=[],
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_size,
