@@ -139,6 +139,13 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
     from vespo_megatron.models.attention import ContextParallelAttention
     from vespo_megatron.models.norms import SequenceParallelNorm
 
+    if model.is_moe and model.moe_grouped_gemm:
+        # Megatron-Core >= 0.19 has grouped-GEMM experts only in Transformer Engine; its local spec
+        # would silently build per-expert SequentialMLP instead.
+        raise ValueError(
+            "model.moe_grouped_gemm=true needs Transformer Engine and a GPU (the local layer spec has no "
+            "grouped-GEMM experts); set model.moe_grouped_gemm=false, or run on a GPU with transformer_impl=auto"
+        )
     layer = specs.get_gpt_layer_local_spec(
         num_experts=model.num_experts,
         moe_grouped_gemm=model.moe_grouped_gemm,
