@@ -12,19 +12,20 @@ Shims (id, upstream target):
 - P2  ``tensor_parallel.random.CudaRNGStatesTracker`` / ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``:
       the model-parallel RNG tracker forks CUDA generator states; on CPU it forks the CPU generator.
 - P3  ``transformer.utils.get_default_causal_mask``: builds the mask with ``device="cuda"``.
-- P5  ``torch.cuda.Stream`` and friends: MoE layers, batched p2p and dist-ckpt create streams/events.
+- P5  ``torch.cuda.Stream`` and friends: MoE layers, DDP grad sync, batched p2p and dist-ckpt create or
+      wait on streams/events.
 - P7  ``transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu``: only moves CUDA tensors, so CPU
       split sizes stay tensors and ``all_to_all_single`` rejects them.
 - P8  ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with
       uneven split sizes: gloo has no uneven all-gather/reduce-scatter.
-- P10 ``torch`` tensor factories and ``Tensor.cuda``: schedules, the optimizer and dist-ckpt hard-code
-      ``device="cuda"``.
+- P10 ``torch`` tensor factories and ``Tensor.cuda``: schedules, the optimizer (grad norm, clipping,
+      grad-norm groups) and dist-ckpt hard-code ``device="cuda"``.
 - P11 ``torch.Tensor.type``: Megatron checks ``param.type() == 'torch.cuda.FloatTensor'``.
 - P12 ``dist_checkpointing.strategies.filesystem_async.get_write_results_queue``: spawns a
       ``multiprocessing.Manager`` that re-imports ``__main__`` for every synchronous save.
 
-The ids are stable across Megatron-Core versions; gaps are shims that upstream made unnecessary. Against
-megatron-core 0.19.2: P4 was never a shim (a layer-spec choice, ``models/norms.py``); P6 went because
+The shims target megatron-core 0.19.2. Ids are stable across versions, so three are missing: P4 was
+never a shim (a layer-spec choice, ``models/norms.py``); P6 went because
 ``moe_utils`` now binds ``te_general_gemm = None`` without Transformer Engine and falls back to
 ``torch.mm``; P9 went with the legacy ``GroupedMLP`` (grouped-GEMM experts are Transformer Engine
 only, so ``model.moe_grouped_gemm`` must be false on CPU).
