@@ -49,8 +49,11 @@ def _apply(tool: str, root: Path, patch: Path, *extra: str) -> subprocess.Comple
     )
 
 
-def test_patch_set_is_not_empty():
-    assert len(PATCHES) >= 10, [p.name for p in PATCHES]
+def test_one_patch_per_runtime_shim():
+    from vespo_megatron.runtime.compat import SHIMS
+
+    patch_ids = {f"P{int(re.match(r'p(\d\d)-', p.name).group(1))}" for p in PATCHES}
+    assert patch_ids == {shim.shim_id for shim in SHIMS}, [p.name for p in PATCHES]
     for patch in PATCHES:
         files = _touched_files(patch)
         assert files and all(f.startswith("megatron/core/") for f in files), (patch.name, files)
@@ -92,9 +95,11 @@ _SMOKE = textwrap.dedent(
     import megatron.core
     assert megatron.core.__file__.startswith(sys.argv[1]), megatron.core.__file__
     from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer import TransformerConfig
 
@@ -105,10 +110,15 @@ _SMOKE = textwrap.dedent(
         moe_router_topk=2, moe_token_dispatcher_type="alltoall", add_bias_linear=False,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
     )
-    model = GPTModel(
+    gpt = GPTModel(
         config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=4),
         vocab_size=32, max_sequence_length=8,
     )
+    # Megatron's DDP (grad buffers, bucketed grad sync) and FP32 optimizer (clip + step), as in training.
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(), gpt)
+    sgd = torch.optim.SGD([p for p in model.parameters()], lr=0.1)
+    opt_config = OptimizerConfig(optimizer="sgd", lr=0.1, clip_grad=1e-3)
+    optimizer = FP32Optimizer(sgd, opt_config, None)
     tokens = torch.randint(0, 32, (2, 8))
     positions = torch.arange(8).expand(2, 8)
 
@@ -116,13 +126,17 @@ _SMOKE = textwrap.dedent(
         out = module(tokens, positions, None, labels=tokens)
         return out, lambda o: (o.float().mean(), {"loss": o.float().mean().detach()})
 
+    model.zero_grad_buffer()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter([None]), model=model,
         num_microbatches=1, seq_length=8, micro_batch_size=2,
     )
-    params = [p for p in model.parameters() if p.grad is not None]
-    clip_grad_by_total_norm_fp32(params, 1e-3, 10.0)
-    assert math.isfinite(float(losses[0]["loss"])) and params
+    model.finish_grad_sync()
+    before = [p.detach().clone() for p in model.parameters()]
+    ok, grad_norm, _ = optimizer.step()
+    moved = sum(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert ok and math.isfinite(grad_norm) and grad_norm > 0, (ok, grad_norm)
+    assert math.isfinite(float(losses[0]["loss"])) and moved > 0, moved
     print("OK")
     """
 )
@@ -155,4 +169,4 @@ def test_readme_lists_every_patch():
     readme = (PATCH_DIR / "README.md").read_text()
     listed = set(re.findall(r"`(p\d\d-[\w-]+\.patch)`", readme))
     assert listed == {p.name for p in PATCHES}
-    assert "0.16.1" in readme and "patch -p1 --dry-run" in readme
+    assert "0.19.2" in readme and "patch -p1 --dry-run" in readme

@@ -97,6 +97,8 @@ def transformer_config(config: Config, vocab_size: int):
             moe_router_topk=model.moe_router_topk,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_size,
             moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+            # Megatron-Core >= 0.19 scales each rank's aux loss by its routed tokens * tp*cp itself, so
+            # one coefficient gives the same load-balancing gradient in every TP/CP layout.
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss",
             moe_token_dispatcher_type=model.moe_token_dispatcher,
@@ -129,6 +131,13 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
     from vespo_megatron.models.attention import ContextParallelAttention
     from vespo_megatron.models.norms import SequenceParallelNorm
 
+    if model.is_moe and model.moe_grouped_gemm:
+        # Megatron-Core >= 0.19 has grouped-GEMM experts only in Transformer Engine; its local spec
+        # would silently build per-expert SequentialMLP instead.
+        raise ValueError(
+            "model.moe_grouped_gemm=true needs Transformer Engine and a GPU (the local layer spec has no "
+            "grouped-GEMM experts); set model.moe_grouped_gemm=false, or run on a GPU with transformer_impl=auto"
+        )
     layer = specs.get_gpt_layer_local_spec(
         num_experts=model.num_experts,
         moe_grouped_gemm=model.moe_grouped_gemm,

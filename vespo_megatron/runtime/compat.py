@@ -12,17 +12,23 @@ Shims (id, upstream target):
 - P2  ``tensor_parallel.random.CudaRNGStatesTracker`` / ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``:
       the model-parallel RNG tracker forks CUDA generator states; on CPU it forks the CPU generator.
 - P3  ``transformer.utils.get_default_causal_mask``: builds the mask with ``device="cuda"``.
-- P5  ``torch.cuda.Stream`` and friends: MoE layers, batched p2p and dist-ckpt create streams/events.
-- P6  ``transformer.moe.moe_utils.te_general_gemm``: referenced without being bound when TE is absent.
+- P5  ``torch.cuda.Stream`` and friends: MoE layers, DDP grad sync, batched p2p and dist-ckpt create or
+      wait on streams/events.
 - P7  ``transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu``: only moves CUDA tensors, so CPU
       split sizes stay tensors and ``all_to_all_single`` rejects them.
 - P8  ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with
       uneven split sizes: gloo has no uneven all-gather/reduce-scatter.
-- P10 ``torch`` tensor factories and ``Tensor.cuda``: schedules, the optimizer and dist-ckpt hard-code
-      ``device="cuda"``.
+- P10 ``torch`` tensor factories and ``Tensor.cuda``: schedules, the optimizer (grad norm, clipping,
+      grad-norm groups) and dist-ckpt hard-code ``device="cuda"``.
 - P11 ``torch.Tensor.type``: Megatron checks ``param.type() == 'torch.cuda.FloatTensor'``.
-- P12 ``dist_checkpointing.strategies.filesystem_async._get_write_results_queue``: spawns a
+- P12 ``dist_checkpointing.strategies.filesystem_async.get_write_results_queue``: spawns a
       ``multiprocessing.Manager`` that re-imports ``__main__`` for every synchronous save.
+
+The shims target megatron-core 0.19.2. Ids are stable across versions, so three are missing: P4 was
+never a shim (a layer-spec choice, ``models/norms.py``); P6 went because
+``moe_utils`` now binds ``te_general_gemm = None`` without Transformer Engine and falls back to
+``torch.mm``; P9 went with the legacy ``GroupedMLP`` (grouped-GEMM experts are Transformer Engine
+only, so ``model.moe_grouped_gemm`` must be false on CPU).
 """
 
 from __future__ import annotations
@@ -109,15 +115,25 @@ def shim_cuda_rng_states_tracker() -> None:
 
         @contextlib.contextmanager
         def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            # Upstream's fork, minus its "CPU RNG state changed" warning: here the forked generator
+            # is the CPU one, so it changes on every fork by design. Nested forks keep the outer
+            # state by name, as upstream does.
             if name not in self.states_:
                 raise RuntimeError(f"rng state {name} is not added")
+            outer_name = getattr(self, "_current_state_name", "default-rng")
             saved = torch.get_rng_state()
+            if outer_name != "default-rng":
+                self.states_[outer_name] = saved
             torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
             try:
                 yield
             finally:
                 self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    saved = self.states_[outer_name]
                 torch.set_rng_state(saved)
+                self._current_state_name = outer_name
 
     def get_state(device=-1, clone=False, graph_safe=False):
         return torch.get_rng_state()
@@ -205,17 +221,6 @@ def shim_cuda_streams() -> None:
     torch.cuda.default_stream = lambda device=None: null_stream
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.synchronize = lambda device=None: None
-
-
-# ---------------------------------------------------------------------------------------------- P6
-
-
-@_once("P6")
-def shim_te_general_gemm() -> None:
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
 
 # ---------------------------------------------------------------------------------------------- P7
@@ -348,7 +353,11 @@ def shim_write_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     in_process_queue = queue.Queue()
-    filesystem_async._get_write_results_queue = lambda: in_process_queue
+
+    def get_write_results_queue(mp_mode: str = "spawn"):
+        return in_process_queue
+
+    filesystem_async.get_write_results_queue = get_write_results_queue
 
 
 SHIMS: tuple[Shim, ...] = (
@@ -356,7 +365,6 @@ SHIMS: tuple[Shim, ...] = (
     Shim("P2", "megatron.core.tensor_parallel.random.CudaRNGStatesTracker", shim_cuda_rng_states_tracker),
     Shim("P3", "megatron.core.transformer.utils.get_default_causal_mask", shim_get_default_causal_mask),
     Shim("P5", "torch.cuda.Stream", shim_cuda_streams),
-    Shim("P6", "megatron.core.transformer.moe.moe_utils.te_general_gemm", shim_te_general_gemm),
     Shim(
         "P7",
         "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
@@ -367,7 +375,7 @@ SHIMS: tuple[Shim, ...] = (
     Shim("P11", "torch.Tensor.type", shim_tensor_type),
     Shim(
         "P12",
-        "megatron.core.dist_checkpointing.strategies.filesystem_async._get_write_results_queue",
+        "megatron.core.dist_checkpointing.strategies.filesystem_async.get_write_results_queue",
         shim_write_results_queue,
     ),
 )
