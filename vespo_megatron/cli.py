@@ -6,7 +6,7 @@ Commands:
   check-config CONFIG --nodes N --gpus-per-node G   validate a layout, print the rank grid and memory
   bench step|loss ...                    benchmark commands that print figures (--json for one object)
   plot RUN_DIR                           PNG plots of a run's metrics
-  study staleness                        the staleness study (losses x N) on the synthetic task
+  study staleness|lr-sweep               the staleness study (variants x N, fixed mini-batch) and its lr sweep
   train-tokenizer --input ... --output ... --vocab-size N   train a sentencepiece model
   config-docs [--write]                  render docs/configs.md from the config dataclasses
 """

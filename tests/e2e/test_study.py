@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
 from vespo_megatron.study import main, summarise
 
@@ -18,22 +20,27 @@ pytestmark = pytest.mark.slow
 
 def test_quick_study_writes_table_json_and_plots(tmp_path, capsys):
     out = tmp_path / "study"
-    assert main(["staleness", "--quick", "--steps", "3", "--warmup-steps", "4", "--eval-prompts", "8",
+    assert main(["staleness", "--quick", "--task", "arithmetic", "--warmup-steps", "4", "--eval-prompts", "8",
                  "--out", str(out), "--json"]) == 0
     result = json.loads((out / "staleness.json").read_text())
     cells = result["cells"]
-    assert {(c["loss"], c["N"]) for c in cells} == {("vespo", 1), ("vespo", 16), ("grpo", 1), ("grpo", 16)}
+    assert {(c["variant"], c["N"]) for c in cells} == {("vespo", 1), ("vespo", 4), ("grpo", 1), ("grpo", 4)}
     for cell in cells:
         for key in ("final_reward", "best_reward", "eval_accuracy"):
-            assert math.isfinite(cell[key]), (cell["loss"], cell["N"], key, cell[key])
-        assert len(cell["reward_history"]) == 3
+            assert math.isfinite(cell[key]), (cell["variant"], cell["N"], key, cell[key])
+        assert len(cell["reward_history"]) == 4, "every cell runs the same number of optimizer updates"
         assert cell["nonfinite_steps"] == 0
+    # The paper's design: the same number of generated sequences whatever N (4 updates of 16 sequences).
+    by_n = {c["N"]: c for c in cells if c["variant"] == "vespo"}
+    config = yaml.safe_load((Path(by_n[4]["run_dir"]) / "config.yaml").read_text())
+    assert config["rollout"]["prompts_per_step"] == 8 and config["rl"]["num_minibatches"] == 4
+    assert config["train"]["global_batch_size"] == 16 and config["train"]["steps"] == 1
     assert len({c["first_reward"] for c in cells}) == 1, "cells did not start from the same warm start"
-    vespo = [c for c in cells if c["loss"] == "vespo"]
+    vespo = [c for c in cells if c["variant"] == "vespo"]
     assert all(math.isfinite(c["phi"]["vespo/phi_mean"]) and math.isfinite(c["phi"]["vespo/ess"]) for c in vespo)
     table = (out / "staleness.md").read_text()
-    assert "| vespo |" in table and "| grpo |" in table and "N=16" in table
-    for name in ("reward_vs_N_dense.png", "reward_curves_dense_N16.png"):
+    assert "| vespo |" in table and "| grpo |" in table and "N=4" in table
+    for name in ("reward_vs_N_dense.png", "reward_curves_dense_N4.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert '"cells"' in capsys.readouterr().out
 

@@ -1,0 +1,138 @@
+"""``vespo-megatron study``: the staleness study the way the VESPO paper varies N, and its learning-rate sweep.
+
+``study staleness`` runs every variant (a loss, an ablation, or a train/inference-mismatch arm) at each N
+from one saved warm start per (model, seed): the mini-batch per optimizer update is fixed, the rollout grows
+to N mini-batches, and every cell runs the same number of updates (vespo_megatron/study/plan.py).
+``study lr-sweep`` runs the variants at N = 1 over several learning rates, to choose the one rate every
+cell of the staleness study then uses. Both write ``OUT/<name>.json``, ``OUT/<name>.md`` and PNG plots;
+docs/results.md shows a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from vespo_megatron.study.plan import ABLATION_VARIANTS, LOSSES, MISMATCH_VARIANTS, MODELS, TASKS, VARIANTS, Plan
+from vespo_megatron.study.summary import summarise
+
+__all__ = ["build_parser", "main", "make_plan", "summarise"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vespo-megatron study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["staleness", "lr-sweep"], help="the study to run")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced grid for CI: vespo, grpo x N in {1, 4} x 1 seed x dense, 4 updates")
+    parser.add_argument("--out", default="runs/study", help="tables, JSON and plots go here (default runs/study)")
+    parser.add_argument("--runs-dir", default=None, help="per-cell metrics and warm starts (default OUT/runs)")
+    parser.add_argument("--json", action="store_true", help="print the JSON of all cells on stdout")
+    parser.add_argument("--task", default="chain", choices=list(TASKS),
+                        help="chain: step-by-step sums with responses of tens of tokens (default); "
+                             "arithmetic: one-line sums")
+    parser.add_argument("--losses", nargs="+", default=None, choices=list(LOSSES) + list(VARIANTS),
+                        help=f"variants (default {' '.join(LOSSES)})")
+    parser.add_argument("--ablations", action="store_true", help=f"add the rows {', '.join(ABLATION_VARIANTS)}")
+    parser.add_argument("--mismatch", action="store_true",
+                        help=f"add the train/inference mismatch arm: {', '.join(MISMATCH_VARIANTS)}")
+    parser.add_argument("--staleness", nargs="+", type=int, default=None, help="N values (default 1 4 16 64)")
+    parser.add_argument("--updates", type=int, default=None,
+                        help="optimizer updates per cell, the same for every N (default 64, quick 4)")
+    parser.add_argument("--minibatch-prompts", type=int, default=2,
+                        help="prompts per mini-batch (x group size sequences per update; default 2)")
+    parser.add_argument("--group-size", type=int, default=8, help="responses per prompt (default 8)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3, quick 1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are first_seed .. first_seed+seeds-1 (split a grid over processes)")
+    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS), help="default dense moe")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 150)")
+    parser.add_argument("--lr", type=float, nargs="+", default=None,
+                        help="RL learning rate(s); staleness takes one (default 1e-4), lr-sweep several "
+                             "(default 3e-5 1e-4 3e-4)")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a task option (repeatable), e.g. --task-option max_operands=3")
+    parser.add_argument("--eval-prompts", type=int, default=64, help="greedy eval prompts after each cell")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate and plot the cells already finished in the runs directory")
+    parser.add_argument("--timeout", type=float, default=8 * 3600, help="seconds before the worker is killed")
+    return parser
+
+
+def _task_options(items: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--task-option {item!r} must look like KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def make_plan(args) -> Plan:
+    quick, sweep = args.quick, args.what == "lr-sweep"
+    variants = tuple(args.losses or (("vespo", "grpo") if quick else LOSSES))
+    if args.ablations:
+        variants += tuple(v for v in ABLATION_VARIANTS if v not in variants)
+    if args.mismatch:
+        variants += tuple(v for v in MISMATCH_VARIANTS if v not in variants)
+    lrs = tuple(args.lr or ((3e-5, 1e-4, 3e-4) if sweep else (1e-4,)))
+    if not sweep and len(lrs) != 1:
+        raise SystemExit("study staleness takes one --lr (run `study lr-sweep` to compare several)")
+    staleness = (1,) if sweep else tuple(args.staleness or ((1, 4) if quick else (1, 4, 16, 64)))
+    out = Path(args.out)
+    plan = Plan(variants=variants, staleness=staleness, seeds=args.seeds or (1 if quick else 3),
+                first_seed=args.first_seed, models=tuple(args.models or (("dense",) if quick else tuple(MODELS))),
+                task=args.task, updates=args.updates or (4 if quick else 64),
+                minibatch_prompts=args.minibatch_prompts, group_size=args.group_size,
+                warmup_steps=args.warmup_steps if args.warmup_steps is not None else (8 if quick else 150),
+                eval_prompts=args.eval_prompts, lrs=lrs,
+                runs_dir=str(Path(args.runs_dir) if args.runs_dir else out / "runs"),
+                task_options=_task_options(args.task_option))
+    try:
+        plan.check()
+    except ValueError as err:
+        raise SystemExit(f"study: {err}") from None
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = make_plan(args)
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    from vespo_megatron.demo import default_config_path
+    from vespo_megatron.runtime.local_workers import run_local_workers
+    from vespo_megatron.study.cells import collect_finished, grid_worker
+    from vespo_megatron.study.report import write_plots, write_table
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "lr_sweep" if args.what == "lr-sweep" else "staleness"
+    command = "vespo-megatron study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    cells = len(plan.models) * plan.seeds * len(plan.variants) * len(plan.staleness) * len(plan.lrs)
+    print(f"study: {cells} cells ({plan.task}; {', '.join(plan.models)} x {plan.seeds} seed(s) x "
+          f"{', '.join(plan.variants)} x N in {list(plan.staleness)} x lr in {list(plan.lrs)}), {plan.updates} "
+          f"updates of {plan.minibatch_sequences} sequences each; runs in {plan.runs_dir}", flush=True)
+    started = time.perf_counter()
+    if args.report_only:
+        result = collect_finished(plan)
+        print(f"study: --report-only, {len(result['cells'])} of {cells} cells finished", flush=True)
+    else:
+        result = run_local_workers(grid_worker, 1, plan, str(default_config_path()), timeout_s=args.timeout)[0]
+    result.update(plan=asdict(plan), command=command, seconds=time.perf_counter() - started)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    table = write_table(result, plan, out, command, name=f"{name}.md")
+    plots = write_plots(result, plan, out) if args.what == "staleness" else []
+    print(table.read_text())
+    print(f"study: {len(result['cells'])} cells in {result['seconds']:.0f}s; wrote {out / (name + '.json')}, {table}"
+          + "".join(", " + str(p) for p in plots))
+    if args.json:
+        print(json.dumps(result))
+    return 0

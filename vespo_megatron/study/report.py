@@ -1,0 +1,132 @@
+"""The study's outputs: a Markdown table (means, spread over seeds, retained accuracy, collapses) and plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from vespo_megatron.study.plan import Plan
+from vespo_megatron.study.summary import COLLAPSE_DROP, PHI_KEYS, SILENCED, finite_mean, finite_std, window
+
+
+def cells_of(cells: list[dict], **fixed) -> list[dict]:
+    return [c for c in cells if all(c.get(k) == v for k, v in fixed.items())]
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def spread(values: list) -> str:
+    """``mean ± std [min, max]`` over seeds (std only with two or more seeds)."""
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return "–"
+    std = finite_std(values)
+    text = fmt(finite_mean(values))
+    if std is not None:
+        text += f" ± {fmt(std)}"
+    return text + (f" [{fmt(min(values))}, {fmt(max(values))}]" if len(values) > 1 else "")
+
+
+def retained(cells: list[dict], model: str, variant: str, n: int, lr: float) -> float | None:
+    """Mean greedy accuracy at N over the mean at N = 1 (the paper's "keeps X% of its N = 1 accuracy")."""
+    base = finite_mean(c["eval_accuracy"] for c in cells_of(cells, model=model, variant=variant, N=1, lr=lr))
+    here = finite_mean(c["eval_accuracy"] for c in cells_of(cells, model=model, variant=variant, N=n, lr=lr))
+    if base is None or here is None or base <= 0:
+        return None
+    return here / base
+
+
+def write_table(result: dict, plan: Plan, out: Path, command: str, name: str = "staleness.md") -> Path:
+    cells = result["cells"]
+    lines = [f"# Staleness study: task {plan.task}, {plan.updates} optimizer updates per cell, "
+             f"{plan.seeds} seed(s)", "", f"Command: `{command}`", "",
+             f"Every update trains on one mini-batch of {plan.minibatch_sequences} sequences "
+             f"({plan.minibatch_prompts} prompts x {plan.group_size} responses, whole groups); a rollout holds "
+             "N mini-batches, so a cell runs updates/N rollouts and every cell generates the same number of "
+             "tokens. Entries are mean ± std [min, max] over seeds of the greedy accuracy on "
+             f"{plan.eval_prompts} held-out prompts after training, then the sampled reward of the last "
+             f"{window(plan.updates)} updates; `ret` = accuracy relative to the same row at N = 1; `!k` = k seeds "
+             f"had a collapse event (windowed reward below {COLLAPSE_DROP} x max(best window, first update), "
+             f"non-finite loss or grad norm, or vespo/silenced_frac > {SILENCED}).", ""]
+    for model in plan.models:
+        warm = [w["eval_accuracy"] for w in result["warm_starts"] if w["model"] == model]
+        for lr in plan.lrs:
+            lines += [f"## {model}, lr {lr:g} (warm-start greedy accuracy {spread(warm)})", "",
+                      "| variant | aggregation | " + " | ".join(f"N={n}" for n in plan.staleness) + " |",
+                      "|---|---|" + "---|" * len(plan.staleness)]
+            for variant in plan.variants:
+                row, aggregation = [], "–"
+                for n in plan.staleness:
+                    group = cells_of(cells, model=model, variant=variant, N=n, lr=lr)
+                    if not group:
+                        row.append("–")
+                        continue
+                    aggregation = group[0].get("aggregation", aggregation)
+                    kept = retained(cells, model, variant, n, lr)
+                    collapsed = sum(1 for c in group if c["collapse"])
+                    text = (f"acc {spread([c['eval_accuracy'] for c in group])}; "
+                            f"reward {spread([c['final_reward'] for c in group])}")
+                    if kept is not None and n != 1:
+                        text += f"; ret {kept:.0%}"
+                    row.append(text + (f" !{collapsed}" if collapsed else ""))
+                lines.append(f"| {variant} | {aggregation} | " + " | ".join(row) + " |")
+            lines += ["", f"VESPO diagnostics ({model}, lr {lr:g}, last window, mean over seeds): "
+                          "phi_mean / ESS / mean abs(log W) / silenced_frac", "",
+                      "| variant | " + " | ".join(f"N={n}" for n in plan.staleness) + " |",
+                      "|---|" + "---|" * len(plan.staleness)]
+            for variant in (v for v in plan.variants if v.startswith("vespo")):
+                row = []
+                for n in plan.staleness:
+                    group = cells_of(cells, model=model, variant=variant, N=n, lr=lr)
+                    row.append(" / ".join(fmt(finite_mean(c["phi"][k] for c in group), 2) for k in PHI_KEYS))
+                lines.append(f"| {variant} | " + " | ".join(row) + " |")
+            lines.append("")
+    path = out / name
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_plots(result: dict, plan: Plan, out: Path) -> list[Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from vespo_megatron.plotting import plot_runs
+
+    paths = []
+    lr = plan.lrs[0]
+    for model in plan.models:
+        fig = Figure(figsize=(11, 4), dpi=80)
+        FigureCanvasAgg(fig)
+        panels = (("eval_accuracy", f"greedy accuracy after RL ({plan.eval_prompts} held-out prompts)"),
+                  ("final_reward", f"sampled reward (last {window(plan.updates)} updates)"))
+        for index, (key, ylabel) in enumerate(panels):
+            ax = fig.add_subplot(1, 2, index + 1)
+            for i, variant in enumerate(plan.variants):
+                means, lows, highs = [], [], []
+                for n in plan.staleness:
+                    values = [c[key] for c in cells_of(result["cells"], model=model, variant=variant, N=n, lr=lr)
+                              if c[key] is not None and math.isfinite(c[key])]
+                    means.append(finite_mean(values) if values else math.nan)
+                    lows.append(min(values, default=math.nan))
+                    highs.append(max(values, default=math.nan))
+                ax.plot(plan.staleness, means, marker="o", color=f"C{i}", label=variant)
+                ax.fill_between(plan.staleness, lows, highs, color=f"C{i}", alpha=0.12)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(plan.staleness, [str(n) for n in plan.staleness])
+            ax.set_xlabel("N (mini-batch updates per rollout)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.suptitle(f"Staleness study, {plan.task}, {model} (band = min..max over seeds)")
+        fig.tight_layout()
+        path = out / f"reward_vs_N_{model}.png"
+        fig.savefig(path, format="png")
+        paths.append(path)
+        n = max(plan.staleness)
+        group = cells_of(result["cells"], model=model, seed=plan.first_seed, N=n, lr=lr)
+        if group:
+            paths.append(plot_runs([c["run_dir"] for c in group], [c["variant"] for c in group], "reward/mean",
+                                   out / f"reward_curves_{model}_N{n}.png"))
+    return paths
