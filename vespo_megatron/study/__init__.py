@@ -19,7 +19,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from vespo_megatron.study.plan import ABLATION_VARIANTS, LOSSES, MISMATCH_VARIANTS, MODELS, TASKS, VARIANTS, Plan
+from vespo_megatron.study.plan import (
+    ABLATION_VARIANTS,
+    LOSSES,
+    MISMATCH_VARIANTS,
+    MODELS,
+    TASKS,
+    VARIANTS,
+    Plan,
+)
 from vespo_megatron.study.summary import summarise
 
 __all__ = ["build_parser", "main", "make_plan", "summarise"]

@@ -20,7 +20,12 @@ def warm_start(plan: Plan, config_path: str, model: str, seed: int) -> dict:
     """Warm up once and save; a saved warm start from an earlier run with the same plan is reused."""
     from vespo_megatron.checkpoint import latest_checkpoint, save_checkpoint
     from vespo_megatron.config import load_config
-    from vespo_megatron.rl.loop import build_runner, evaluate, loop_state, supervised_warmup
+    from vespo_megatron.rl.loop import (
+        build_runner,
+        evaluate,
+        loop_state,
+        supervised_warmup,
+    )
 
     root = plan.unit_dir(model, seed) / "warm_start"
     info_path = root / "warm_start.json"

@@ -6,7 +6,14 @@ import math
 from pathlib import Path
 
 from vespo_megatron.study.plan import Plan
-from vespo_megatron.study.summary import COLLAPSE_DROP, PHI_KEYS, SILENCED, finite_mean, finite_std, window
+from vespo_megatron.study.summary import (
+    COLLAPSE_DROP,
+    PHI_KEYS,
+    SILENCED,
+    finite_mean,
+    finite_std,
+    window,
+)
 
 
 def cells_of(cells: list[dict], **fixed) -> list[dict]:
