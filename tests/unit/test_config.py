@@ -25,6 +25,7 @@ CONFIGS = REPO / "configs"
 SHIPPED = {
     "tiny_dense_cpu.yaml": 2,
     "tiny_moe_cpu.yaml": 2,
+    "tiny_chain_cpu.yaml": 2,
     "qwen3_30b_a3b_moe.yaml": 32,
     "qwen3_8b_dense.yaml": 8,
     "llama3_2_3b_dense.yaml": 8,

@@ -289,7 +289,7 @@ def test_reward_from_real_module():
 
 
 def test_build_task(tmp_path):
-    assert set(TASKS) == {"arithmetic", "math", "jsonl"}
+    assert set(TASKS) == {"arithmetic", "chain", "math", "jsonl"}
     task = build_task("arithmetic", max_operand=5, seed=1)
     assert isinstance(task, ArithmeticTask) and task.max_operand == 5
     with pytest.raises(ValueError, match="no option.*'max_operands'"):

@@ -112,7 +112,7 @@ class RLConfig:
 class TaskConfig:
     """Prompts and verifiable rewards."""
 
-    name: Literal["arithmetic", "math", "jsonl"] = "arithmetic"
+    name: Literal["arithmetic", "chain", "math", "jsonl"] = "arithmetic"
     """Task from vespo_megatron.tasks (docs/tasks.md)."""
     options: dict = field(default_factory=dict)
     """Keyword options of the task (e.g. max_operand for arithmetic, path and reward_fn for jsonl)."""

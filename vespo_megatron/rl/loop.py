@@ -108,12 +108,9 @@ def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> flo
     from dataclasses import replace
 
     from vespo_megatron.rollout.generate import generate
-    from vespo_megatron.tasks import build_task
 
     cfg = runner.config
-    options = dict(cfg.task.options)
-    options["seed"] = int(options.get("seed", 0)) + seed_offset
-    samples = build_task(cfg.task.name, **options).prompts().next_batch(num_prompts)
+    samples = runner.task.held_out(seed_offset).prompts().next_batch(num_prompts)
     encoded = [[runner.tokenizer.bos_id] + runner.tokenizer.encode(s.prompt) for s in samples]
     micro = 1 if not cfg.parallel.vpp else cfg.parallel.pp
     while len(encoded) % micro:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -96,6 +97,13 @@ class Task(ABC):
     @abstractmethod
     def score(self, response_text: str, sample: Sample) -> float:
         """The raw scoring rule; `reward` wraps it with the checks."""
+
+    def held_out(self, seed_offset: int) -> Task:
+        """The task the loop's greedy evaluation draws from: by default this one with `seed + seed_offset`.
+
+        Tasks that can keep evaluation prompts apart from training prompts (the `chain` task) override it.
+        """
+        return dataclasses.replace(self, seed=self.seed + seed_offset)
 
     @property
     def reward_name(self) -> str:

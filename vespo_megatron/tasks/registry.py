@@ -7,9 +7,12 @@ from typing import Any
 
 from vespo_megatron.tasks.arithmetic import ArithmeticTask
 from vespo_megatron.tasks.base import Task
+from vespo_megatron.tasks.chain_arithmetic import ChainArithmeticTask
 from vespo_megatron.tasks.jsonl import JsonlTask, MathTask
 
-TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "math": MathTask, "jsonl": JsonlTask}
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": ArithmeticTask, "chain": ChainArithmeticTask, "math": MathTask, "jsonl": JsonlTask,
+}
 
 
 def task_options(name: str) -> list[str]:
