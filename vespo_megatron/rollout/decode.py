@@ -206,6 +206,35 @@ def _keep_alive(runner, pad_id: int) -> None:
                    StaticInferenceContext(1, 1))
 
 
+class _Rows:
+    """The decode state: which sequences are still in the batch (in batch order) and what they hold."""
+
+    def __init__(self, prompts: list[list[int]], prompt_lengths: torch.Tensor, seq_length: int, pad_id: int):
+        n = len(prompts)
+        self.sequences = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            self.sequences[row, : len(prompt)] = torch.tensor(prompt)
+        self.sampler_logprobs = torch.zeros(n, seq_length + 1)
+        self.prompt_lengths = prompt_lengths
+        self.generated = torch.zeros(n, dtype=torch.long)
+        self.live = torch.arange(n)
+        """Sequence index of every batch slot."""
+
+    def fill(self, position: int, tokens: torch.Tensor, logprobs: torch.Tensor, sampling: torch.Tensor,
+             done) -> torch.Tensor:
+        """Write the sampled ``tokens`` of batch slots ``sampling`` at ``position``; return the slots to keep.
+
+        ``done(rows, tokens)`` says which of the rows just written have finished.
+        """
+        rows = self.live[sampling]
+        self.sequences[rows, position] = tokens
+        self.sampler_logprobs[rows, position] = logprobs.float()
+        self.generated[rows] += 1
+        keep = torch.ones(len(self.live), dtype=torch.bool)
+        keep[sampling[done(rows, tokens)]] = False
+        return keep.nonzero().flatten()
+
+
 @torch.no_grad()
 def decode(
     engine,
@@ -236,86 +265,82 @@ def decode(
     n = len(prompts)
     prompt_lengths = check_prompts(prompts, settings.max_new_tokens, seq_length)
     uniforms = draw_uniforms(generator, settings.max_new_tokens, n)
-    sequences = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        sequences[row, : len(prompt)] = torch.tensor(prompt)
-    sampler_logprobs = torch.zeros(n, seq_length + 1)
-    plens = prompt_lengths.tolist()
-    responses: list[list[int]] = [[] for _ in range(n)]
+    state = _Rows(prompts, prompt_lengths, seq_length, pad_id)
     recorder = routing_recorder(engine) if record_routing else None
     trace = None
     if recorder is not None and recorder.layers:
         trace = RoutingTrace(recorder, n, seq_length, engine.config.model.moe_router_topk)
-    start = min(plens) if n else 0
-    positions = max((p + settings.max_new_tokens for p in plens), default=1) - 1  # the last sample is never fed
-    context = StaticInferenceContext(max_batch_size=max(n, 1), max_sequence_length=max(positions, 1))
+    start = int(prompt_lengths.min()) if n else 0
+    cached = int(prompt_lengths.max()) + settings.max_new_tokens - 1 if n else 1  # the last sample is never fed
+    context = StaticInferenceContext(max_batch_size=max(n, 1), max_sequence_length=max(cached, 1))
     runner = PipelineRunner(engine)
     lockstep = lockstep_group(engine)
-    rows = list(range(n))  # batch slot -> sequence
     fed = 0
     cache_bytes = 0
+
+    def done(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        finished = (tokens == eos_id) | (state.generated[rows] >= settings.max_new_tokens)
+        if stop_sequences:
+            for index, row in enumerate(rows.tolist()):
+                start_of_response = int(prompt_lengths[row])
+                response = state.sequences[row, start_of_response:start_of_response + int(state.generated[row])]
+                finished[index] |= hits_stop(response.tolist(), eos_id, stop_sequences)
+        return finished
+
     with inference_mode(engine), recorder.recording() if recorder is not None else nullcontext():
-        while any_rank_active(bool(rows), lockstep):
-            if not rows:
+        while any_rank_active(len(state.live) > 0, lockstep):
+            if not len(state.live):
                 _keep_alive(runner, pad_id)
                 if recorder is not None:
                     recorder.take_recorded()
                 continue
             span = start if fed == 0 else 1
             context.sequence_len_offset = fed
-            tokens = sequences[rows, fed:fed + span]
-            hidden = runner.forward(tokens, torch.arange(fed, fed + span).unsqueeze(0).expand(len(rows), -1), context)
+            rows = state.live
+            positions = torch.arange(fed, fed + span).unsqueeze(0).expand(len(rows), -1)
+            hidden = runner.forward(state.sequences[rows, fed:fed + span], positions, context)
             if trace is not None:
-                trace.add(rows, fed)
+                trace.add(rows.tolist(), fed)
             if fed == 0:
                 cache_bytes = kv_cache_bytes(context)
             fed += span
-            rows = _advance(engine, hidden, rows, fed, sequences, sampler_logprobs, responses, plens, uniforms,
-                            settings, greedy, vocab_size, eos_id, stop_sequences, context)
-    lengths = torch.tensor([len(r) for r in responses], dtype=torch.long)
+            # Position `fed` gets a sample where the prompt has ended, the prompt's own token elsewhere.
+            sampling = (prompt_lengths[rows] <= fed).nonzero().flatten()
+            if not len(sampling):
+                continue
+            tokens, logprobs = _sample_step(engine, hidden, sampling, state.generated[rows[sampling]],
+                                            rows[sampling], uniforms, settings, greedy, vocab_size)
+            keep = state.fill(fed, tokens, logprobs, sampling, done)
+            if len(keep) < len(rows):
+                if len(keep):
+                    _compact(context, keep)
+                state.live = rows[keep]
     return Generated(
-        sequences=sequences,
+        sequences=state.sequences,
         prompt_lengths=prompt_lengths,
-        response_lengths=lengths,
-        sampler_logprobs=sampler_logprobs,
+        response_lengths=state.generated.clone(),
+        sampler_logprobs=state.sampler_logprobs,
         routing_indices=trace.local(ctx) if trace is not None else None,
         kv_cache_bytes=cache_bytes,
     )
 
 
-def _advance(engine, hidden, rows, position, sequences, sampler_logprobs, responses, plens, uniforms, settings,
-             greedy, vocab_size, eos_id, stop_sequences, context) -> list[int]:
-    """Fill ``position`` of every live row (a sample, or the row's own prompt token); return the rows left."""
+def _sample_step(engine, hidden, sampling, generated, rows, uniforms, settings, greedy, vocab_size):
+    """Tokens and sampler log-probs of batch slots ``sampling`` (last stage samples, then broadcasts)."""
     ctx = engine.ctx
-    sampling = [slot for slot, row in enumerate(rows) if plens[row] <= position]
     tokens = torch.zeros(len(sampling), dtype=torch.long)
-    logprobs = torch.zeros(len(sampling))
-    if sampling and ctx.is_last_stage:
+    logprobs = torch.zeros(len(sampling), dtype=torch.float64)
+    if ctx.is_last_stage:
         logits = last_token_logits(hidden, engine)[sampling]
-        draws = torch.stack([uniforms[len(responses[rows[slot]]), rows[slot]] for slot in sampling])
         tokens, logprobs = sample_next_tokens(
             logits, vocab_size=vocab_size, temperature=settings.temperature, top_k=settings.top_k,
-            top_p=settings.top_p, greedy=greedy, uniforms=draws,
+            top_p=settings.top_p, greedy=greedy, uniforms=uniforms[generated, rows],
         )
-    if sampling and ctx.pp > 1:
+    if ctx.pp > 1:
         packed = torch.stack([tokens.double(), logprobs.double()])
         dist.broadcast(packed, src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
-        tokens, logprobs = packed[0].long(), packed[1].float()
-    keep = list(range(len(rows)))
-    finished = set()
-    for index, slot in enumerate(sampling):
-        row = rows[slot]
-        token = int(tokens[index])
-        sequences[row, position] = token
-        sampler_logprobs[row, position] = logprobs[index]
-        responses[row].append(token)
-        if len(responses[row]) >= settings.max_new_tokens or hits_stop(responses[row], eos_id, stop_sequences):
-            finished.add(slot)
-    if finished:
-        keep = [slot for slot in keep if slot not in finished]
-        if keep:
-            _compact(context, torch.tensor(keep))
-    return [rows[slot] for slot in keep]
+        tokens, logprobs = packed[0].long(), packed[1]
+    return tokens, logprobs
 
 
 def sample(engine, prompts: list[list[int]], settings: RolloutConfig, **kwargs) -> Generated:
