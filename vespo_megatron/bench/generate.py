@@ -99,7 +99,8 @@ def _measure(rank, world, config_path, overrides, length, batch, prompt_length, 
     engine = build_engine(config, initialize(config), vocab_size=vocab)
     new_tokens = length - prompt_length
     prompts = torch.randint(3, vocab, (batch, prompt_length), generator=torch.Generator().manual_seed(0)).tolist()
-    common = dict(seq_length=length, eos_id=-1, pad_id=0, greedy=True, vocab_size=vocab)
+    # Greedy over the whole padded vocabulary, as transformers' generate does.
+    common = dict(seq_length=length, eos_id=-1, pad_id=0, greedy=True, vocab_size=None)
     settings = dataclasses.replace(config.rollout, max_new_tokens=new_tokens)
     started = time.perf_counter()
     kv = decode(engine, prompts, settings, generator=torch.Generator().manual_seed(1), **common)

@@ -18,7 +18,8 @@ choice of experts can be forced:
   kept in call order (= micro-batch order for every model chunk);
 - ``replay``: the recorded indices of the next micro-batch are used, and the combine weights are the
   current scores gathered at those experts, so gradients flow through the router's probabilities of
-  the *recorded* experts.
+  the *recorded* experts. Slots holding :func:`unrouted` (tokens the recording never routed, e.g. the
+  padding of a rollout recorded by the KV-cache sampler) take the router's own top-k.
 
 Keying: the tokens a router sees are this rank's local ``[s_local, b]`` tokens flattened
 sequence-major (``s_local = seq_length / (cp * tp)`` with sequence parallelism). Recorded choices are

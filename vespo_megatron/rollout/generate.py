@@ -135,9 +135,10 @@ def hits_stop(response: list[int], eos_id: int, stop_sequences: tuple[tuple[int,
 
 def any_rank_active(active: bool, group) -> bool:
     """OR of ``active`` over ``group`` (ranks that must run the same number of forwards)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return active
     flag = torch.tensor([1 if active else 0], dtype=torch.int32)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
 
 
