@@ -3,7 +3,7 @@
 Every launch checks greedy and sampled decoding of ragged prompts: the same tokens as the recompute
 decoder and per-token sampler log-probs within 1e-5 (fp32). The one-process launch also covers stop
 sequences ending rows at different steps, bad inputs, the KV-cache size and that the model's training
-state survives; it saves its weights so the TP2+SP and PP2 launches load the same model (resharded)
+state survives; it saves its weights so the TP2+SP, PP2 and PP2+VPP2 launches load the same model (resharded)
 and must draw the same samples from the same seed. The MoE EP2 launch is also DP2: each data-parallel
 rank decodes its own prompts, one rank finishes at its first token and keeps serving the expert
 exchange, and the routing the sampler records is replayed by the trainer exactly.
@@ -54,6 +54,7 @@ def _compare(engine, config, prompts, **kwargs) -> dict:
             "logprob_gap": float((kv.sampler_logprobs - ref.sampler_logprobs).abs().max()),
             "sequences": kv.sequences,
             "lengths": kv.response_lengths,
+            "logprobs": kv.sampler_logprobs,
             "kv_bytes": kv.kv_cache_bytes,
         }
     return out
@@ -117,9 +118,28 @@ def _single(rank, world, overrides, workdir):
 
 def _sharded(rank, world, overrides, workdir):
     config, ctx, engine = _engine(overrides, workdir, "sharded")
+    if ctx.cp > 1:
+        return _context_parallel(engine, config)
     sp = engine.built.tconfig.sequence_parallel
     out = _compare(engine, config, _prompts(0))
     out["sp_restored"] = engine.built.tconfig.sequence_parallel == sp
+    return out
+
+
+def _context_parallel(engine, config):
+    """CP: the KV decoder refuses; rollout.engine=kv samples with the recompute decoder (CP-sharded)."""
+    from vespo_megatron.rollout.decode import decode, sample
+
+    out = {}
+    try:
+        _run(decode, engine, config, _prompts(0), True)
+        out["refused"] = None
+    except ValueError as err:
+        out["refused"] = str(err)
+    for name, greedy in (("greedy", True), ("sampled", False)):
+        got = _run(sample, engine, config, _prompts(0), greedy)
+        out[name] = {"same_tokens": True, "same_lengths": True, "logprob_gap": 0.0, "sequences": got.sequences,
+                     "lengths": got.response_lengths, "logprobs": got.sampler_logprobs}
     return out
 
 
@@ -161,8 +181,9 @@ def test_bad_inputs_fail_clearly(single):
     assert "rollout.max_new_tokens=12 exceeds the context of 33 tokens" in errors["budget"]
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.pp=2"]],
-                         ids=["tp2_sp", "pp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.pp=2"],
+                                    ["parallel.pp=2", "parallel.vpp=2"], ["parallel.cp=2"]],
+                         ids=["tp2_sp", "pp2", "pp2_vpp2", "cp2"])
 def test_sharded_layouts_match_recompute_and_the_single_process_samples(single, layout):
     workdir, reference = single
     results = run_local_workers(_sharded, 2, DENSE + CONTEXT + layout, workdir, timeout_s=300)
@@ -172,6 +193,10 @@ def test_sharded_layouts_match_recompute_and_the_single_process_samples(single, 
         assert torch.equal(out["sampled"]["sequences"], reference["sampled"]["sequences"])
         assert torch.equal(out["greedy"]["sequences"], reference["greedy"]["sequences"])
         assert out.get("sp_restored", True)
+        if "refused" in out:  # CP: the recompute decoder stands in, with the KV decoder's log-probs
+            assert "needs parallel.cp=1; use rollout.engine=recompute" in out["refused"]
+            gap = (out["sampled"]["logprobs"] - reference["sampled"]["logprobs"]).abs().max()
+            assert float(gap) <= TOLERANCE
 
 
 # ------------------------------------------------------------------------------- MoE EP2 (DP2) + replay
