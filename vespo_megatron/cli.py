@@ -52,10 +52,13 @@ def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vespo-megatron bench", description="Benchmarks that print figures.")
     parser.add_argument("what", choices=["step", "loss", "generate"],
                         help="step: training step per layout; loss: loss paths; generate: rollout tokens/s")
-    args, rest = parser.parse_known_args(argv)
-    if args.what == "step":
+    if argv and argv[0] in ("step", "loss", "generate"):  # so that `bench <what> --help` shows <what>'s flags
+        what, rest = argv[0], argv[1:]
+    else:
+        what, rest = parser.parse_known_args(argv)[0].what, []
+    if what == "step":
         from vespo_megatron.bench.step import main
-    elif args.what == "generate":
+    elif what == "generate":
         from vespo_megatron.bench.generate import main
     else:
         from vespo_megatron.bench.loss import main

@@ -27,12 +27,14 @@ import argparse
 import json
 import resource
 import time
+from pathlib import Path
 
 import torch
 
 from vespo_megatron.runtime.local_workers import run_local_workers
 
 MIB = 1024**2
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_dense_cpu.yaml"
 RESET = ["parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=1", "parallel.vpp=null",
          "parallel.cp=1", "parallel.ep=1", "parallel.etp=null", "train.seq_length=null"]  # fmt: skip
 
@@ -157,8 +159,8 @@ def format_row(r: dict) -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="vespo-megatron bench generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", default="configs/tiny_dense_cpu.yaml",
-                        help="YAML config (default configs/tiny_dense_cpu.yaml); run on one rank")
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                        help="YAML config (default: the repository's configs/tiny_dense_cpu.yaml); run on one rank")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",") if x], default=[128, 512, 2048],
                         help="comma-separated context lengths L (prompt + new tokens)")
