@@ -190,11 +190,16 @@ def test_malformed_rollout_jsonl_names_file_and_line(tmp_path):
 
 
 def test_prompt_longer_than_the_context_names_the_fix(tmp_path):
-    # Four operands ("12+7-3+4=") plus bos fill most of an 8-token context; 4 new tokens do not fit.
+    # Four operands ("12+7-3+4=") plus bos take 12 tokens: more than the whole 9-token context (8 + 1).
     _expect_worker_error(
         overrides(tmp_path, "model.max_seq_length=8",
                   "task.options={max_operand: 20, num_operands: 4, seed: 3}"),
-        "rollout.max_new_tokens=4 exceeds the context", "raise model.max_seq_length")
+        "leaves no room in the context of 9 tokens", "raise model.max_seq_length")
+    # A prompt that fits but leaves less than rollout.max_new_tokens.
+    _expect_worker_error(
+        overrides(tmp_path, "model.max_seq_length=16", "rollout.max_new_tokens=8",
+                  "task.options={max_operand: 20, num_operands: 4, seed: 3}"),
+        "rollout.max_new_tokens=8 exceeds the context of 17 tokens", "raise model.max_seq_length")
 
 
 def test_empty_prompt_dataset_and_empty_rollout_file(tmp_path):

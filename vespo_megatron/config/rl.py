@@ -63,7 +63,14 @@ class RolloutConfig:
     top_k: int = 0
     """Keep the k most likely tokens; 0 disables it."""
     routing_replay: bool = False
-    """MoE: record each token's experts when computing behaviour log-probs and replay them in training."""
+    """MoE: record each token's experts in the sampling pass (KV engine; the behaviour log-prob pass with
+    the recompute engine) and replay them when computing old log-probs and in training."""
+    engine: Literal["kv", "recompute"] = "kv"
+    """Decoder: 'kv' prefills once and decodes one token per step over a KV cache (falls back to
+    'recompute' when parallel.cp > 1); 'recompute' re-runs the padded batch every step (the reference)."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings: a response also ends once its tokens end with one of them as the tokenizer
+    encodes it (the stop token always ends it)."""
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")
@@ -76,6 +83,8 @@ class RolloutConfig:
             self.source != "jsonl" or bool(self.jsonl_path),
             "rollout.source=jsonl needs rollout.jsonl_path=<file of external rollouts>",
         )
+        _require(all(isinstance(text, str) and text for text in self.stop),
+                 f"rollout.stop={self.stop!r} must be a list of non-empty strings")
 
 
 @dataclass(kw_only=True)

@@ -99,3 +99,74 @@ class ContextParallelAttention(MegatronModule):
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         context = torch.matmul(probs, v)  # [b, n, sq, d]
         return context.permute(2, 0, 1, 3).reshape(sq, query.shape[1], heads * query.shape[3])
+
+
+# ------------------------------------------------------------------------ KV-cache decoding (inference)
+
+
+def _self_attention_base():
+    from megatron.core.transformer.attention import SelfAttention
+
+    return SelfAttention
+
+
+class KVCacheSelfAttention(_self_attention_base()):
+    """``SelfAttention`` whose static KV cache holds keys with RoPE already applied.
+
+    Megatron's static inference path caches raw keys and rotates the whole cached prefix again at every
+    decode step (O(context) extra work per token). Here each key is rotated once, with its own
+    position, before it is stored; queries are rotated as before. The rotation of a key depends only on
+    its position, so the cached keys equal the ones the stock path rebuilds every step. Without an
+    inference context (training, log-prob passes) this is the stock module.
+    """
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                        rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                                        sequence_len_offset=None, *, inference_params=None):
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        if (inference_context is None or not inference_context.is_static_batching() or rotary_pos_emb is None
+                or self.config.flash_decode or inference_params is not None):
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                rotary_pos_cos_sin, sequence_len_offset)
+        q_pos_emb, k_pos_emb = rotary_pos_emb
+        start = inference_context.sequence_len_offset
+        end = start + key.size(0)
+        key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config,
+                                   mscale=self._yarn_concentration_factor, cp_group=self.pg_collection.cp)
+        query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
+            inference_context, query, key, value, None, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
+            sequence_len_offset)
+        return query, key, value, (q_pos_emb[start:end], None), mask_type, block_table
+
+
+def _dot_product_attention_base():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
+class DecodeStepAttention(_dot_product_attention_base()):
+    """Megatron's local ``DotProductAttention``, with a fused path for one-token decode steps.
+
+    A decode step attends ``sq = 1`` query per sequence to ``sk`` cached keys, all visible. The stock
+    module first materialises the grouped-query repeat of the whole cache; here the step goes through
+    ``scaled_dot_product_attention`` with grouped heads instead (same scale, same result up to rounding).
+    Any other call (training, prefill, masks) is the stock module.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        import torch.nn.functional as F
+
+        if query.shape[0] != 1 or key.shape[0] == 1 or attention_mask is not None or attention_bias is not None \
+                or packed_seq_params is not None or self.training and self.config.attention_dropout > 0:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        # [s, b, heads, d] -> [b, heads, s, d]
+        out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                                             value.permute(1, 2, 0, 3), scale=scale,
+                                             enable_gqa=key.shape[2] != query.shape[2])
+        return out.permute(2, 0, 1, 3).reshape(1, query.shape[1], -1)

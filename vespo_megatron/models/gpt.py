@@ -1,9 +1,10 @@
 """Build dense or Mixture-of-Experts Megatron ``GPTModel`` chunks from the project config.
 
 The layer spec is Transformer Engine's when TE and a GPU are present (``model.transformer_impl=auto``)
-and Megatron's local spec otherwise, with two substitutions on the local spec: a norm that supports
-sequence parallelism (:mod:`.norms`) and, when ``parallel.cp > 1``, a context-parallel core attention
-(:mod:`.attention`). Layer code never branches on the device.
+and Megatron's local spec otherwise, with these substitutions on the local spec: a norm that supports
+sequence parallelism (:mod:`.norms`), a self-attention that caches rotated keys for KV-cache decoding
+and a core attention with a fused one-token decode step, or, when ``parallel.cp > 1``, a
+context-parallel core attention (:mod:`.attention`). Layer code never branches on the device.
 
 The model returned is :class:`PolicyGPTModel`, a ``GPTModel`` whose last pipeline stage can hand back
 the final hidden states instead of logits (``emit_hidden_states=True``) so the loss can compute log-probs
@@ -128,7 +129,7 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
             num_experts=model.num_experts, moe_grouped_gemm=model.moe_grouped_gemm, qk_layernorm=model.qk_layernorm
         )
         return layer
-    from vespo_megatron.models.attention import ContextParallelAttention
+    from vespo_megatron.models.attention import ContextParallelAttention, DecodeStepAttention, KVCacheSelfAttention
     from vespo_megatron.models.norms import SequenceParallelNorm
 
     if model.is_moe and model.moe_grouped_gemm:
@@ -152,8 +153,9 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
     if model.qk_layernorm:
         attn.q_layernorm = SequenceParallelNorm
         attn.k_layernorm = SequenceParallelNorm
-    if config.parallel.cp > 1:
-        attn.core_attention = ContextParallelAttention
+    # KV-cache decoding (rollout/decode.py): keys cached with RoPE applied, fused one-token steps.
+    sub.self_attention.module = KVCacheSelfAttention
+    attn.core_attention = ContextParallelAttention if config.parallel.cp > 1 else DecodeStepAttention
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelNorm)
 

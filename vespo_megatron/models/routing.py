@@ -18,7 +18,8 @@ choice of experts can be forced:
   kept in call order (= micro-batch order for every model chunk);
 - ``replay``: the recorded indices of the next micro-batch are used, and the combine weights are the
   current scores gathered at those experts, so gradients flow through the router's probabilities of
-  the *recorded* experts.
+  the *recorded* experts. Slots holding :func:`unrouted` (tokens the recording never routed, e.g. the
+  padding of a rollout recorded by the KV-cache sampler) take the router's own top-k.
 
 Keying: the tokens a router sees are this rank's local ``[s_local, b]`` tokens flattened
 sequence-major (``s_local = seq_length / (cp * tp)`` with sequence parallelism). Recorded choices are
@@ -69,8 +70,13 @@ def sequences_to_tokens(indices: torch.Tensor) -> torch.Tensor:
 
 
 def index_dtype(num_experts: int) -> torch.dtype:
-    """The smallest integer dtype that holds an expert index (the recorded rollout field's dtype)."""
-    return torch.uint8 if num_experts <= 256 else torch.int16
+    """The smallest integer dtype that holds an expert index and :func:`unrouted` (the rollout field's dtype)."""
+    return torch.uint8 if num_experts < 256 else torch.int16
+
+
+def unrouted(dtype: torch.dtype) -> int:
+    """The fill value of a recorded slot the sampler never routed (e.g. padding): replay routes it freely."""
+    return torch.iinfo(dtype).max
 
 
 def load_summary(counts: torch.Tensor, layer_numbers: list[int], per_expert: bool) -> dict[str, float]:
@@ -106,6 +112,8 @@ class _LayerRouting:
         self.load: Optional[torch.Tensor] = None
         self.changed = torch.zeros(2, dtype=torch.float64)
         """[tokens whose free top-k set differs from the replayed one, tokens replayed] while counting."""
+        self.mismatch = torch.zeros(2, dtype=torch.float64)
+        """The same pair while the recorder is ``measuring_mismatch`` (sampler vs trainer routing)."""
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         mode = self.recorder.mode
@@ -129,12 +137,18 @@ class _LayerRouting:
             raise RuntimeError(f"routing replay: layer {self.layer_number} routes {scores.shape[0]} tokens x "
                                f"top-{topk} but the recorded micro-batch has {tuple(target.shape)}; the rollout "
                                "was recorded with another layout or sequence length")
-        indices = target.to(device=scores.device, dtype=torch.long)
-        if self.recorder.counting:
-            with torch.no_grad():
-                _, free = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
-            moved = (free.sort(dim=1).values != indices.sort(dim=1).values).any(dim=1)
-            self.changed += torch.tensor([float(moved.sum()), float(moved.numel())], dtype=torch.float64)
+        with torch.no_grad():
+            _, free = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        routed = target[:, 0] != unrouted(target.dtype)  # slots the recording never routed go free
+        indices = torch.where(routed.unsqueeze(1).to(scores.device), target.to(device=scores.device,
+                              dtype=torch.long), free)
+        if self.recorder.counting or self.recorder.measuring:
+            moved = (free.sort(dim=1).values != indices.sort(dim=1).values).any(dim=1) & routed.to(scores.device)
+            pair = torch.tensor([float(moved.sum()), float(routed.sum())], dtype=torch.float64)
+            if self.recorder.counting:
+                self.changed += pair
+            if self.recorder.measuring:
+                self.mismatch += pair
         return scores.gather(1, indices), indices
 
 
@@ -150,6 +164,7 @@ class RoutingRecorder:
         self.dtype = index_dtype(num_experts)
         self.mode = RoutingMode.OFF
         self.counting = False
+        self.measuring = False
         self.layers: list[_LayerRouting] = []
         for chunk in chunks:  # chunk-major, then layer order: the order of the recorded layers dimension
             for module in chunk.modules():
@@ -183,6 +198,13 @@ class RoutingRecorder:
             yield self
         finally:
             self.mode = RoutingMode.OFF
+
+    def take_recorded(self) -> list[list[torch.Tensor]]:
+        """Per local router, the ``[tokens, topk]`` choices recorded since the last call (and forget them)."""
+        taken = [slot.recorded for slot in self.layers]
+        for slot in self.layers:
+            slot.recorded = []
+        return taken
 
     def recorded_indices(self, micro_batches: list[dict]) -> Optional[torch.Tensor]:
         """``[n, layers_local, s_local, topk]`` choices of the recorded micro-batches (None: no local router)."""
@@ -237,6 +259,30 @@ class RoutingRecorder:
             yield self
         finally:
             self.counting = False
+
+    @contextmanager
+    def measuring_mismatch(self):
+        """Count, per replayed slot, whether the router's own top-k differs from the recorded experts."""
+        self.measuring = True
+        try:
+            yield self
+        finally:
+            self.measuring = False
+
+    def mismatch_fraction(self, group=None) -> Optional[float]:
+        """Share of recorded (token, layer) slots whose free choice differed, summed over ``group`` (collective).
+
+        Reset after reading; None when nothing was replayed.
+        """
+        import torch.distributed as dist
+
+        pair = torch.zeros(2, dtype=torch.float64)
+        for slot in self.layers:
+            pair += slot.mismatch
+            slot.mismatch = torch.zeros(2, dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(pair, group=group)
+        return float(pair[0] / pair[1]) if pair[1] > 0 else None
 
     def load_metrics(self, group=None) -> dict[str, float]:
         """Routed slots per expert per layer since the last call, summed over ``group`` (collective).

@@ -46,6 +46,9 @@ class Rollout:
     routing_indices: Optional[torch.Tensor] = None
     """[n, moe_layers_local, s_local, topk] experts each of this rank's local tokens visited in the
     behaviour pass (rollout.routing_replay; see vespo_megatron/models/routing.py)."""
+    routing_mismatch_frac: Optional[torch.Tensor] = None
+    """Share of the sampler's routed (token, layer) slots where the trainer's own top-k picks other experts
+    (0-dim, over all ranks; only when the sampler recorded the routing)."""
 
     @property
     def size(self) -> int:
@@ -64,7 +67,7 @@ class Rollout:
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            picked[f.name] = value[rows] if torch.is_tensor(value) else value
+            picked[f.name] = value[rows] if torch.is_tensor(value) and value.dim() > 0 else value
         return Rollout(**picked)
 
     def state_dict(self) -> dict:

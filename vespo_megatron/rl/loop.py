@@ -107,7 +107,7 @@ def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> flo
     """Greedy accuracy on ``num_prompts`` held-out prompts (same on every rank)."""
     from dataclasses import replace
 
-    from vespo_megatron.rollout.generate import generate
+    from vespo_megatron.rollout.decode import sample
 
     cfg = runner.config
     samples = runner.task.held_out(seed_offset).prompts().next_batch(num_prompts)
@@ -116,10 +116,10 @@ def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> flo
     while len(encoded) % micro:
         encoded.append(encoded[-1])
         samples.append(samples[-1])
-    generated = generate(runner.engine, encoded, replace(cfg.rollout), seq_length=cfg.seq_length,
-                         eos_id=runner.tokenizer.eos_id, pad_id=runner.tokenizer.pad_id,
-                         generator=torch.Generator().manual_seed(0), greedy=True,
-                         vocab_size=runner.tokenizer.vocab_size)
+    generated = sample(runner.engine, encoded, replace(cfg.rollout), seq_length=cfg.seq_length,
+                       eos_id=runner.tokenizer.eos_id, pad_id=runner.tokenizer.pad_id,
+                       generator=torch.Generator().manual_seed(0), greedy=True,
+                       vocab_size=runner.tokenizer.vocab_size)
     rewards = score(runner.task, runner.tokenizer, generated, samples)[:num_prompts]
     return float((rewards >= 1.0).float().mean())
 

@@ -20,7 +20,7 @@ from vespo_megatron.models.routing import routing_recorder
 from vespo_megatron.rl.advantages import group_advantages, informative_groups
 from vespo_megatron.rl.batch import Rollout, micro_batches
 from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
-from vespo_megatron.rollout.generate import generate
+from vespo_megatron.rollout.decode import sample
 from vespo_megatron.train.batches import context_parallel_chunks
 
 
@@ -57,13 +57,15 @@ def sample_rollout(runner, step: int, prompts: list, version: int) -> Rollout:
     samples = [s for s in prompts for _ in range(group)]
     encoded = [[runner.tokenizer.bos_id] + runner.tokenizer.encode(s.prompt) for s in samples]
     generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + ctx.dp_rank)
-    generated = generate(
+    stop = tuple(tuple(runner.tokenizer.encode(text)) for text in cfg.rollout.stop)
+    generated = sample(
         runner.engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=runner.tokenizer.eos_id,
         pad_id=runner.tokenizer.pad_id, generator=generator, vocab_size=runner.tokenizer.vocab_size,
+        stop_sequences=stop, record_routing=cfg.rollout.routing_replay,
     )
     rewards = score(runner.task, runner.tokenizer, generated, samples)
     return _finish_rollout(runner, generated.sequences, generated.prompt_lengths, generated.response_lengths,
-                           generated.sampler_logprobs, rewards, version)
+                           generated.sampler_logprobs, rewards, version, routing_indices=generated.routing_indices)
 
 
 def read_external_rollout(runner, version: int) -> Rollout:
@@ -77,7 +79,8 @@ def read_external_rollout(runner, version: int) -> Rollout:
                            batch.sampler_logprobs[rows], batch.rewards[rows], version)
 
 
-def _finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_logprobs, rewards, version):
+def _finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_logprobs, rewards, version,
+                    routing_indices=None):
     cfg = runner.config
     group = cfg.rollout.group_size
     grouped = rewards.view(-1, group)
@@ -89,7 +92,7 @@ def _finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler
     rollout = Rollout(
         sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=trained_lengths,
         sampler_logprobs=sampler_logprobs, rewards=rewards, advantages=advantages,
-        generated_lengths=response_lengths, behaviour_version=version,
+        generated_lengths=response_lengths, behaviour_version=version, routing_indices=routing_indices,
     )
     compute_old_logprobs(runner, rollout)
     return rollout
@@ -117,12 +120,20 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
     temperature, chunk = cfg.rollout.temperature, cfg.loss.chunk_size
     token_level = cfg.loss.name != "vespo"
     head = (old_token_logprobs_head if token_level else old_logprob_sums_head)(ctx, temperature, chunk)
-    # MoE routing replay: keep the experts of this behaviour pass for the training passes to reuse.
+    # MoE routing replay: the sampler's experts when it recorded them (replayed here too, counting the
+    # tokens whose own choice differs), else the experts of this behaviour pass.
     recorder = routing_recorder(engine) if cfg.rollout.routing_replay else None
-    with recorder.recording() if recorder is not None else nullcontext():
-        reports = engine.forward_only(micro, head, emit_hidden_states=True)
-    if recorder is not None:
-        rollout.routing_indices = recorder.recorded_indices(micro)
+    from_sampler = recorder is not None and rollout.routing_indices is not None
+    if from_sampler:
+        with recorder.replaying([batch["routing_indices"] for batch in micro]), recorder.measuring_mismatch():
+            reports = engine.forward_only(micro, head, emit_hidden_states=True)
+        mismatch = recorder.mismatch_fraction()
+        rollout.routing_mismatch_frac = None if mismatch is None else torch.tensor(mismatch)
+    else:
+        with recorder.recording() if recorder is not None else nullcontext():
+            reports = engine.forward_only(micro, head, emit_hidden_states=True)
+        if recorder is not None:
+            rollout.routing_indices = recorder.recorded_indices(micro)
     seq_len = cfg.seq_length
     if token_level:
         local = torch.zeros(rollout.size, seq_len // ctx.cp)
@@ -167,6 +178,8 @@ def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:
     sums = _dp_sum([rollout.rewards.sum().item(), correct.sum().item(), generated.sum().item(),
                     float(rollout.size)], ctx)
     metrics = {}
+    if rollout.routing_mismatch_frac is not None:  # already reduced over all ranks
+        metrics["rollout/routing_mismatch_frac"] = float(rollout.routing_mismatch_frac)
     if rollout.ref_logprob_sums is not None:
         kl_sum, tokens = _dp_sum([(rollout.old_logprob_sums - rollout.ref_logprob_sums).sum().item(),
                                   rollout.response_lengths.sum().item()], ctx)

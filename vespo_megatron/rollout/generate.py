@@ -1,6 +1,8 @@
-"""Autoregressive sampling with the Megatron policy itself (any TP/SP/PP/VPP/CP/EP layout).
+"""Autoregressive sampling with the Megatron policy by recompute (any TP/SP/PP/VPP/CP/EP layout).
 
-Every step re-runs the forward-only pipeline schedule over the fixed-length padded batch (recompute
+This is the reference decoder (``rollout.engine=recompute``); the default KV-cache decoder lives in
+:mod:`vespo_megatron.rollout.decode` and shares the pieces defined here (prompt checks, the uniforms
+table, stop rules). Every step re-runs the forward-only pipeline schedule over the fixed-length padded batch (recompute
 instead of a KV cache: simple, layout-agnostic, and cheap at the lengths CPU demos use). On the last
 stage each rank projects the hidden state of every sequence's last position onto its vocabulary shard;
 shards are gathered over TP and the position's owner contributes over CP, so every rank of the
@@ -11,6 +13,7 @@ same tokens. Other pipeline stages receive the tokens by broadcast from the last
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +35,12 @@ class Generated:
     """[n] sampled tokens, the stop token included."""
     sampler_logprobs: torch.Tensor
     """[n, seq_length + 1] behaviour log-prob of each sampled token at its position (0 elsewhere)."""
+    routing_indices: Optional[torch.Tensor] = None
+    """MoE, when recorded by the sampler: [n, moe_layers_local, s_local, topk] experts each of this rank's
+    training tokens visited while sampling (:data:`vespo_megatron.models.routing.UNROUTED` where the sampler
+    never fed the token), in the layout ``Rollout.routing_indices`` replays."""
+    kv_cache_bytes: int = 0
+    """Bytes of the KV cache the KV-cache decoder allocated on this rank (0 for the recompute decoder)."""
 
 
 def full_hidden(hidden: torch.Tensor, ctx) -> torch.Tensor:
@@ -87,6 +96,64 @@ def _logits_head(ctx):
     return head
 
 
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, seq_length: int) -> torch.Tensor:
+    """Prompt lengths ``[n]``, after checking every prompt fits the context with its response budget."""
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    if not prompts:
+        return lengths
+    empty = (lengths < 1).nonzero()
+    if empty.numel():
+        raise ValueError(f"prompt {int(empty[0, 0])} is empty; every prompt needs at least one token (e.g. BOS)")
+    longest = int(lengths.max())
+    context = seq_length + 1
+    if longest >= context:
+        raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of {context} tokens "
+                         "(seq_length + 1); shorten the prompt or raise model.max_seq_length / train.seq_length")
+    if longest + max_new_tokens > context:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus rollout.max_new_tokens={max_new_tokens} exceeds the "
+            f"context of {context} tokens; shorten prompts, lower max_new_tokens or raise model.max_seq_length"
+        )
+    return lengths
+
+
+def draw_uniforms(generator: torch.Generator, max_new_tokens: int, n: int) -> torch.Tensor:
+    """``[max_new_tokens, n]`` uniforms: entry (k, i) draws sequence i's k-th response token.
+
+    Both decoders draw this table first, so a seeded generator gives the same samples whatever the
+    batch composition (finished rows dropped or not) and on every rank of a model-parallel group.
+    """
+    return torch.rand(max_new_tokens, n, generator=generator)
+
+
+def hits_stop(response: list[int], eos_id: int, stop_sequences: tuple[tuple[int, ...], ...] = ()) -> bool:
+    """True when ``response`` (token ids sampled so far) ends with the stop token or a stop sequence."""
+    if response and response[-1] == eos_id:
+        return True
+    return any(len(response) >= len(stop) and tuple(response[-len(stop):]) == stop for stop in stop_sequences)
+
+
+def any_rank_active(active: bool, group) -> bool:
+    """OR of ``active`` over ``group`` (ranks that must run the same number of forwards)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return active
+    flag = torch.tensor([1 if active else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
+def lockstep_group(engine):
+    """The data-parallel group when MoE expert parallelism couples data-parallel ranks' forwards, else None.
+
+    Expert dispatch exchanges tokens over the EP group, which spans data-parallel ranks: those ranks must
+    run the same number of forwards even when one of them has no sequence left to decode.
+    """
+    ctx = engine.ctx
+    if engine.config.model.is_moe and ctx.dp > 1 and (ctx.ep > 1 or ctx.etp > 1):
+        return ctx.dp_group
+    return None
+
+
 @torch.no_grad()
 def generate(
     engine,
@@ -99,25 +166,23 @@ def generate(
     generator: torch.Generator,
     greedy: bool = False,
     vocab_size: int | None = None,
+    stop_sequences: tuple[tuple[int, ...], ...] = (),
 ) -> Generated:
     """Sample one response per prompt (repeat prompts for groups) with the engine's current weights.
 
+    The recompute decoder (``rollout.engine=recompute``), kept as the reference of the KV-cache decoder
+    (:func:`vespo_megatron.rollout.decode.decode`): every step runs the full padded batch.
     ``vocab_size`` (the tokenizer's) keeps the padding rows of Megatron's padded vocabulary from being
-    sampled; the recorded log-probs stay those of the full softmax the trainer evaluates.
+    sampled; the recorded log-probs stay those of the full softmax the trainer evaluates. A response
+    ends at ``eos_id``, at the end of any of ``stop_sequences`` (token ids) or after
+    ``settings.max_new_tokens`` tokens.
     """
     from vespo_megatron.train.batches import shard_micro_batch
 
     ctx = engine.ctx
     n = len(prompts)
-    prompt_lengths = torch.tensor([len(p) for p in prompts])
-    longest = int(prompt_lengths.max()) if n else 0
-    if n and (int(prompt_lengths.min()) < 1):
-        raise ValueError("every prompt needs at least one token")
-    if longest + settings.max_new_tokens > seq_length + 1:
-        raise ValueError(
-            f"a prompt of {longest} tokens plus rollout.max_new_tokens={settings.max_new_tokens} exceeds the "
-            f"context of {seq_length + 1} tokens; shorten prompts, lower max_new_tokens or raise model.max_seq_length"
-        )
+    prompt_lengths = check_prompts(prompts, settings.max_new_tokens, seq_length)
+    uniforms = draw_uniforms(generator, settings.max_new_tokens, n)
     sequences = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         sequences[row, : len(prompt)] = torch.tensor(prompt)
@@ -128,8 +193,9 @@ def generate(
     if n % num_micro:
         raise ValueError(f"{n} sequences cannot be split into {num_micro} generation micro-batches")
     head = _logits_head(ctx)
-    for _ in range(settings.max_new_tokens):
-        if bool(finished.all()):
+    lockstep = lockstep_group(engine)
+    for step in range(settings.max_new_tokens):
+        if not any_rank_active(n > 0 and not bool(finished.all()), lockstep):
             break
         positions = lengths - 1
         micro = []
@@ -148,20 +214,20 @@ def generate(
         next_logprobs = torch.zeros(n)
         if ctx.is_last_stage:
             next_tokens, next_logprobs = sample_next_tokens(
-                logits, vocab_size=vocab_size, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                generator=generator, greedy=greedy,
+                logits, vocab_size=vocab_size, temperature=settings.temperature, top_k=settings.top_k,
+                top_p=settings.top_p, greedy=greedy, uniforms=uniforms[step],
             )
         if ctx.pp > 1:
             last = dist.get_global_rank(ctx.pp_group, ctx.pp - 1)
             packed = torch.stack([next_tokens.double(), next_logprobs.double()])
             dist.broadcast(packed, src=last, group=ctx.pp_group)
             next_tokens, next_logprobs = packed[0].long(), packed[1].float()
-        active = ~finished
-        rows = active.nonzero().squeeze(-1)
-        sequences[rows, lengths[rows]] = next_tokens[rows]
-        sampler_logprobs[rows, lengths[rows]] = next_logprobs[rows]
-        lengths[rows] += 1
-        finished |= active & (next_tokens == eos_id)
+        for row in (~finished).nonzero().flatten().tolist():
+            sequences[row, lengths[row]] = next_tokens[row]
+            sampler_logprobs[row, lengths[row]] = next_logprobs[row]
+            lengths[row] += 1
+            response = sequences[row, prompt_lengths[row]:lengths[row]].tolist()
+            finished[row] = hits_stop(response, eos_id, stop_sequences)
     return Generated(
         sequences=sequences,
         prompt_lengths=prompt_lengths,

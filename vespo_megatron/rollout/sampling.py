@@ -35,8 +35,15 @@ def sample_next_tokens(
     generator: torch.Generator | None = None,
     greedy: bool = False,
     vocab_size: int | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits`` [n, V]; return ``(tokens [n], behaviour_logprobs [n])``.
+
+    ``uniforms`` [n] in [0, 1) replaces the generator: row i takes the token whose cumulative-probability
+    interval holds ``uniforms[i]`` (inverse-CDF sampling). A decoder that draws one uniform per
+    (sequence, response position) up front then samples every sequence the same way whatever other
+    sequences share its batch, which is what lets the KV-cache decoder drop finished rows and still
+    match the recompute decoder token for token.
 
     Columns at or beyond ``vocab_size`` (vocabulary padding) are never chosen. They are cut off before
     drawing rather than masked: the multinomial draw consumes generator state per column, and the
@@ -52,5 +59,18 @@ def sample_next_tokens(
         tokens = allowed.argmax(dim=-1)
     else:
         probs = torch.softmax(filter_top_k_top_p(allowed, top_k, top_p), dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if uniforms is None:
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            tokens = inverse_cdf_sample(probs, uniforms)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Row i's token ``t`` with ``cdf[t-1] <= u_i * cdf[-1] < cdf[t]`` (zero-probability tokens never win)."""
+    if uniforms.shape != probs.shape[:-1]:
+        raise ValueError(f"uniforms {tuple(uniforms.shape)} must have one value per row of probs {tuple(probs.shape)}")
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    target = (uniforms.double() * cdf[..., -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return tokens.clamp_max(probs.shape[-1] - 1)

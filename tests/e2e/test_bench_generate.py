@@ -1,0 +1,36 @@
+"""``vespo-megatron bench generate`` at a tiny size: every figure present, the KV-cache size by formula, and the
+transformers model holding our weights (same prompt logits, same greedy tokens)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from vespo_megatron.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_dense_cpu.yaml"
+
+
+def test_bench_generate_json(capsys):
+    code = cli_main(["bench", "generate", str(CONFIG), "--lengths", "24,40", "--batch", "3", "--prompt-length", "8",
+                     "--recompute-steps", "2", "--threads", "1", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert [r["length"] for r in rows] == [24, 40]
+    for r in rows:
+        for key in ("kv_tokens_per_s", "recompute_tokens_per_s", "hf_tokens_per_s", "peak_rss_mib"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        # 2 (K, V) x 2 layers x 3 sequences x (L - 1) cached positions x 2 KV heads x head dim 16 x 4 bytes
+        assert r["kv_cache_bytes"] == 2 * 2 * 3 * (r["length"] - 1) * 2 * 16 * 4
+        assert r["hf_max_logit_diff"] < 1e-5
+        assert r["hf_same_tokens"] == 1.0
+
+
+def test_bench_generate_rejects_lengths_not_above_the_prompt():
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "generate", "--lengths", "8", "--prompt-length", "8"])

@@ -1,0 +1,203 @@
+"""``bench generate``: rollout tokens per second of the KV-cache decoder, the recompute decoder and transformers.
+
+For each context length L one fresh worker process (one rank, no parallelism, ``--threads`` CPU threads)
+builds the config's model with ``model.max_seq_length = L`` and decodes ``--batch`` prompts of
+``--prompt-length`` random tokens up to the full context (``L - prompt_length`` new tokens each; the
+stop token is disabled so every sequence runs to the end), greedily, three ways:
+
+* ``kv``: :func:`vespo_megatron.rollout.decode.decode` (prefill, then one token per step over
+  megatron-core's static KV cache);
+* ``recompute``: :func:`vespo_megatron.rollout.generate.generate`, which runs the whole padded context
+  every step. Its step costs the same at every position (it always runs all L positions), so
+  ``--recompute-steps`` steps give its rate without decoding the whole context (0 skips it: null);
+* ``hf``: ``transformers``' ``generate`` (KV cache) on a ``LlamaForCausalLM`` of the same shape holding
+  the same weights, copied from the Megatron model (dense models with RMSNorm, SwiGLU, RoPE, no biases;
+  otherwise null). ``hf_max_logit_diff`` (prompt logits of the two models) and ``hf_same_tokens``
+  (greedy continuations equal) show the copy is faithful.
+
+Figures per length: tokens per second (new tokens of all sequences / wall seconds), the KV-cache bytes
+the decoder allocated (``2 x layers x batch x cached positions x kv_heads x head_dim x bytes``, with
+``cached positions = L - 1``: the last token is sampled, never fed), and the worker's peak resident set
+right after the KV decode (model, cache and activations; the later passes are not included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from vespo_megatron.runtime.local_workers import run_local_workers
+
+MIB = 1024**2
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_dense_cpu.yaml"
+RESET = ["parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=1", "parallel.vpp=null",
+         "parallel.cp=1", "parallel.ep=1", "parallel.etp=null", "train.seq_length=null"]  # fmt: skip
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # ru_maxrss is KiB on Linux
+
+
+def hf_llama_copy(engine, config):
+    """A ``LlamaForCausalLM`` with the Megatron model's shapes and weights (one rank), or None if unsupported."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vespo_megatron.models.gpt import unwrap
+
+    m = config.model
+    tconfig = engine.built.tconfig
+    if (m.is_moe or m.normalization != "RMSNorm" or not m.swiglu or m.position_embedding != "rope"
+            or m.add_bias_linear or m.qk_layernorm or m.dtype != "fp32"):
+        return None
+    heads, groups, head_dim = tconfig.num_attention_heads, tconfig.num_query_groups, tconfig.kv_channels
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=engine.built.padded_vocab_size, hidden_size=tconfig.hidden_size,
+        intermediate_size=tconfig.ffn_hidden_size, num_hidden_layers=tconfig.num_layers,
+        num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim, rms_norm_eps=m.norm_epsilon,
+        max_position_embeddings=m.max_seq_length, tie_word_embeddings=m.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )).eval()
+    src = unwrap(engine.chunks[0])
+    per_group = heads // groups
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(src.embedding.word_embeddings.weight)
+        for ours, theirs in zip(src.decoder.layers, hf.model.layers):
+            qkv = ours.self_attention.linear_qkv.weight.view(groups, (per_group + 2) * head_dim, -1)
+            theirs.self_attn.q_proj.weight.copy_(qkv[:, : per_group * head_dim].reshape(-1, qkv.shape[-1]))
+            theirs.self_attn.k_proj.weight.copy_(
+                qkv[:, per_group * head_dim: (per_group + 1) * head_dim].reshape(-1, qkv.shape[-1]))
+            theirs.self_attn.v_proj.weight.copy_(qkv[:, (per_group + 1) * head_dim:].reshape(-1, qkv.shape[-1]))
+            theirs.self_attn.o_proj.weight.copy_(ours.self_attention.linear_proj.weight)
+            theirs.input_layernorm.weight.copy_(ours.input_layernorm.weight)
+            theirs.post_attention_layernorm.weight.copy_(ours.pre_mlp_layernorm.weight)
+            gate, up = ours.mlp.linear_fc1.weight.chunk(2, dim=0)
+            theirs.mlp.gate_proj.weight.copy_(gate)
+            theirs.mlp.up_proj.weight.copy_(up)
+            theirs.mlp.down_proj.weight.copy_(ours.mlp.linear_fc2.weight)
+        hf.model.norm.weight.copy_(src.decoder.final_layernorm.weight)
+        if not m.tie_embeddings:
+            hf.lm_head.weight.copy_(src.output_layer.weight)
+    return hf
+
+
+def _measure(rank, world, config_path, overrides, length, batch, prompt_length, recompute_steps, with_hf):
+    import dataclasses
+
+    from vespo_megatron.config import load_config
+    from vespo_megatron.rollout.decode import decode
+    from vespo_megatron.rollout.generate import generate
+    from vespo_megatron.runtime.distributed import initialize
+    from vespo_megatron.tokenizer import load_tokenizer
+    from vespo_megatron.train.engine import build_engine
+
+    config = load_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
+    vocab = config.model.vocab_size or load_tokenizer(config.task.tokenizer).vocab_size
+    engine = build_engine(config, initialize(config), vocab_size=vocab)
+    new_tokens = length - prompt_length
+    prompts = torch.randint(3, vocab, (batch, prompt_length), generator=torch.Generator().manual_seed(0)).tolist()
+    # Greedy over the whole padded vocabulary, as transformers' generate does.
+    common = dict(seq_length=length, eos_id=-1, pad_id=0, greedy=True, vocab_size=None)
+    settings = dataclasses.replace(config.rollout, max_new_tokens=new_tokens)
+    started = time.perf_counter()
+    kv = decode(engine, prompts, settings, generator=torch.Generator().manual_seed(1), **common)
+    kv_seconds = time.perf_counter() - started
+    row = {"length": length, "batch": batch, "prompt_length": prompt_length, "new_tokens": new_tokens,
+           "kv_tokens_per_s": batch * new_tokens / kv_seconds, "kv_seconds": kv_seconds,
+           "kv_cache_bytes": kv.kv_cache_bytes, "peak_rss_mib": _peak_rss_mib()}
+    row["recompute_tokens_per_s"] = None
+    if recompute_steps > 0:
+        steps = min(recompute_steps, new_tokens)
+        started = time.perf_counter()
+        generate(engine, prompts, dataclasses.replace(settings, max_new_tokens=steps),
+                 generator=torch.Generator().manual_seed(1), **common)
+        row["recompute_tokens_per_s"] = batch * steps / (time.perf_counter() - started)
+    row["hf_tokens_per_s"] = None
+    hf = hf_llama_copy(engine, config) if with_hf else None
+    if hf is not None:
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            ours_hidden = _prompt_logits(engine, ids)
+            row["hf_max_logit_diff"] = float((hf(ids).logits[:, -1].float() - ours_hidden).abs().max())
+            started = time.perf_counter()
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+            row["hf_tokens_per_s"] = batch * new_tokens / (time.perf_counter() - started)
+        ours = kv.sequences[:, :length]
+        row["hf_same_tokens"] = float((out[:, :length] == ours).float().mean())
+    return row
+
+
+def _prompt_logits(engine, ids):
+    """Our model's last-position logits of the prompts (the HF copy must reproduce them)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from vespo_megatron.rollout.decode import PipelineRunner, inference_mode, last_token_logits
+
+    with inference_mode(engine):
+        context = StaticInferenceContext(ids.shape[0], ids.shape[1])
+        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        hidden = PipelineRunner(engine).forward(ids, positions, context)
+        return last_token_logits(hidden, engine)
+
+
+def format_row(r: dict) -> str:
+    def rate(value):
+        return "      null" if value is None else f"{value:10.1f}"
+
+    extra = f"  hf logit diff {r['hf_max_logit_diff']:.1e}, same tokens {r['hf_same_tokens']:.3f}" \
+        if "hf_max_logit_diff" in r else ""
+    return (f"L={r['length']:<6} B={r['batch']:<4} kv {rate(r['kv_tokens_per_s'])} tok/s  recompute "
+            f"{rate(r['recompute_tokens_per_s'])} tok/s  hf {rate(r['hf_tokens_per_s'])} tok/s  "
+            f"KV {r['kv_cache_bytes'] / MIB:8.2f} MiB  peak RSS {r['peak_rss_mib']:7.0f} MiB{extra}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="vespo-megatron bench generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                        help="YAML config (default: the repository's configs/tiny_dense_cpu.yaml); run on one rank")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",") if x], default=[128, 512, 2048],
+                        help="comma-separated context lengths L (prompt + new tokens)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences decoded together")
+    parser.add_argument("--prompt-length", type=int, default=32, help="tokens per prompt (must be < every L)")
+    parser.add_argument("--recompute-steps", type=int, default=4,
+                        help="steps timed for the recompute decoder (its step cost is position-independent); 0: skip")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the worker")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a length's worker is killed")
+    parser.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
+    args = parser.parse_intermixed_args(argv)
+    if args.batch < 1 or args.recompute_steps < 0 or args.prompt_length < 1:
+        parser.error("--batch and --prompt-length must be >= 1, --recompute-steps >= 0")
+    short = [length for length in args.lengths if length <= args.prompt_length]
+    if short:
+        parser.error(f"--lengths {short} must exceed --prompt-length={args.prompt_length}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import vespo_megatron.rollout.decode  # noqa: F401 - imported before forking: workers start warm
+    import vespo_megatron.train.engine  # noqa: F401
+
+    rows = []
+    for length in args.lengths:
+        row = run_local_workers(_measure, 1, args.config, args.overrides, length, args.batch, args.prompt_length,
+                                args.recompute_steps, not args.no_hf, timeout_s=args.timeout,
+                                threads_per_worker=args.threads)[0]
+        rows.append(row)
+        if not args.json:
+            print(format_row(row), flush=True)
+    if args.json:
+        print(json.dumps({"results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
