@@ -206,10 +206,19 @@ def test_default_responses_are_20_to_100_tokens_under_the_shipped_tokenizer():
         lengths.append(len(ids) + 1)  # the eos the policy emits
     assert 20 <= min(lengths) and max(lengths) <= 100
     assert 40 <= sum(lengths) / len(lengths) <= 65
-    # the prompt (with bos) plus the longest response fit the shipped config's context
-    config = load_config(CONFIGS / "tiny_chain_cpu.yaml")
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.max_seq_length=128", "rollout.max_new_tokens=96",
+                                            "task.options.max_operands=8", "task.options.max_operand=99"]])
+def test_shipped_config_context_fits_its_task(overrides):
+    """The shipped config, and its documented overrides for the task's default difficulty, fit every response."""
+    tok = load_tokenizer()
+    config = load_config(CONFIGS / "tiny_chain_cpu.yaml", overrides)
+    validate(config, 2)
+    samples = build_task(config.task.name, **config.task.options).prompts().next_batch(1000)
+    longest_response = max(len(tok.encode(s.answer)) + 1 for s in samples)
     longest_prompt = max(len(tok.encode(s.prompt)) + 1 for s in samples)
-    assert max(lengths) <= config.rollout.max_new_tokens
+    assert 20 < longest_response <= config.rollout.max_new_tokens
     assert longest_prompt + config.rollout.max_new_tokens <= config.seq_length + 1
 
 
