@@ -359,10 +359,11 @@ def run(config: Config) -> Runner:
                     logger.log(runner.step, metrics)
                 progress.update(runner.step, metrics)
             stop = runner.stopping if runner.remote is not None else preemption.should_stop(None)
-            if runner.remote is not None and (stop or runner.step == config.train.steps):
-                runner.remote.drain()  # the steps sampled ahead: kept for a resume
             periodic = ckpt_cfg.save_every and runner.step % ckpt_cfg.save_every == 0
-            if ckpt_cfg.dir and (periodic or stop or runner.step == config.train.steps):
+            saving = ckpt_cfg.dir and (periodic or stop or runner.step == config.train.steps)
+            if runner.remote is not None and (saving or stop or runner.step == config.train.steps):
+                runner.remote.drain()  # the steps the workers sampled ahead go into the checkpoint
+            if saving:
                 checkpoint.save_checkpoint(runner.engine, ckpt_cfg.dir, runner.step, loop_state(runner))
             if stop:
                 break

@@ -1,0 +1,125 @@
+"""Disaggregated (truly asynchronous) RL end to end: rollout workers and trainers in one gloo job.
+
+What is checked:
+1. with a sync after every update and no lookahead, a 1-trainer + 1-worker job reproduces the
+   colocated single-process run bit for bit (every metric, the final weights);
+2. with rl.max_staleness=2 and workers running further ahead than the bound allows, rollouts are
+   dropped and counted, and every trained sequence is at most 2 versions old (some are older than 0);
+3. a rollout worker killed with SIGKILL makes the trainer fail within rl.worker_timeout_s with an error
+   naming the worker's rank, and the job resumes from the last checkpoint;
+4. a disaggregated run resumed from a mid-run checkpoint (with the steps the workers had sampled ahead
+   kept in it) logs the same metrics as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.e2e.rl_fixtures import deterministic_records, load, overrides
+from vespo_megatron.runtime.local_workers import WorkerError, run_local_workers
+
+SPLIT = ["parallel.rollout_ranks=1", "rl.worker_timeout_s=60"]
+STALE_KEYS = ("sync/",)
+
+
+def _run_and_weights(rank, world_size, overrides_):
+    """Run the RL loop; a trainer rank returns its history and its final weights (CPU copies)."""
+    from vespo_megatron.models.gpt import unwrap
+    from vespo_megatron.rl.loop import run
+
+    runner = run(load(overrides_))
+    if runner.split is not None and runner.split.role == "rollout":
+        return {"role": "rollout", "step": runner.step}
+    weights = {}
+    for index, chunk in enumerate(runner.engine.chunks):
+        for name, value in unwrap(chunk).state_dict().items():
+            if torch.is_tensor(value):
+                weights[f"{index}.{name}"] = value.detach().clone()
+    return {"role": "trainer", "history": runner.history, "step": runner.step, "weights": weights}
+
+
+def _records(run_dir):
+    return [{k: v for k, v in r.items() if not k.startswith(STALE_KEYS)} for r in deterministic_records(run_dir)]
+
+
+def test_disaggregated_staleness_zero_reproduces_colocated(tmp_path):
+    common = ["train.steps=3", "rl.max_staleness=0", "rl.num_minibatches=2", "train.micro_batch_size=2"]
+    colocated = run_local_workers(_run_and_weights, 1, overrides(tmp_path / "colocated", *common),
+                                  timeout_s=600)[0]
+    split = run_local_workers(_run_and_weights, 2, overrides(tmp_path / "split", *common, *SPLIT, "rl.sync_every=1"),
+                              timeout_s=600)
+    trainer, worker = split
+    assert worker["role"] == "rollout" and trainer["role"] == "trainer"
+    reference = _records(tmp_path / "colocated" / "run")
+    assert len(reference) == 3
+    assert _records(tmp_path / "split" / "run") == reference
+    assert trainer["weights"].keys() == colocated["weights"].keys()
+    for name, value in colocated["weights"].items():
+        assert torch.equal(trainer["weights"][name], value), name
+
+
+def test_bounded_staleness_drops_and_counts(tmp_path):
+    # Workers 3 steps ahead with one update per step reach staleness 3 > K=2 every fourth step.
+    extra = ["train.steps=5", "rl.max_staleness=2", "rl.lookahead=3", *SPLIT]
+    run_local_workers(_run_and_weights, 2, overrides(tmp_path, *extra), timeout_s=600)
+    records = deterministic_records(tmp_path / "run")
+    assert len(records) == 5
+    histogram: dict[int, float] = {}
+    for record in records:
+        assert not any(k.startswith("staleness/hist_3") for k in record), record
+        for lag in range(3):
+            histogram[lag] = histogram.get(lag, 0.0) + record[f"staleness/hist_{lag}"]
+        assert record["staleness/max"] <= 2
+    assert histogram[1] + histogram[2] > 0, histogram
+    assert sum(histogram.values()) == 5 * 16  # every trained sequence counted once
+    assert records[-1]["staleness/dropped_rollouts_total"] >= 1
+    assert sum(r["staleness/dropped_rollouts"] for r in records) == records[-1]["staleness/dropped_rollouts_total"]
+
+
+def _killed_worker(rank, world_size, overrides_, kill_at_step):
+    """The RL loop, except that the rollout worker SIGKILLs itself when it reaches ``kill_at_step``."""
+    from vespo_megatron.rl import workers
+
+    original = workers.RolloutWorker._generate
+
+    def generate(self, step):
+        if step == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, step)
+
+    workers.RolloutWorker._generate = generate
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def test_killed_worker_fails_fast_naming_it_then_resume_continues(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    extra = ["train.steps=6", "checkpoint.save_every=2", f"checkpoint.dir={ckpt}", "rl.max_staleness=1",
+             "parallel.rollout_ranks=1", "rl.worker_timeout_s=20"]
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        run_local_workers(_killed_worker, 2, overrides(tmp_path, *extra), 4, timeout_s=300)
+    elapsed = time.monotonic() - started
+    assert "rollout worker rank 1" in str(failure.value), str(failure.value)[-2000:]
+    assert elapsed < 20 + 60, elapsed  # start-up, a few steps, then at most the timeout
+    assert (ckpt / "latest").read_text().strip() == "2"
+    resumed = run_local_workers(_run_and_weights, 2, overrides(tmp_path, *extra), timeout_s=600)[0]
+    assert resumed["step"] == 6
+    steps = [r["step"] for r in deterministic_records(tmp_path / "run")]
+    assert steps == list(range(1, 7))
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    common = ["train.steps=4", "rl.max_staleness=1", "checkpoint.save_every=2", *SPLIT]
+    whole = tmp_path / "whole"
+    run_local_workers(_run_and_weights, 2, overrides(whole, *common, f"checkpoint.dir={whole / 'ckpt'}"),
+                      timeout_s=600)
+    parts = tmp_path / "parts"
+    part_overrides = overrides(parts, *common, f"checkpoint.dir={parts / 'ckpt'}")
+    run_local_workers(_run_and_weights, 2, [*part_overrides, "train.steps=2"], timeout_s=600)
+    run_local_workers(_run_and_weights, 2, part_overrides, timeout_s=600)
+    assert _records(parts / "run") == _records(whole / "run")
