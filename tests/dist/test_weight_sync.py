@@ -1,9 +1,10 @@
 """Weight sync from trainer ranks to a rollout worker with another layout (disaggregated mode).
 
 A 3-rank job: 2 trainer ranks (TP2, or MoE with EP2) and 1 rollout worker (TP1, EP1). The trainers
-take one optimizer step, push their weights shard to shard, and save a Megatron dist checkpoint. The
-reference is independent of the sync code: a one-process TP1/EP1 model loads that checkpoint through
-Megatron's own resharding. The worker's parameters must equal it bit for bit.
+take one optimizer step and push their weights shard to shard. Each trainer's local shard must be,
+bit for bit, Megatron's tensor-parallel shard of the worker's full tensor (cut with the parameter's own
+partition_dim and partition_stride, the rule Megatron's checkpoint resharding uses), with experts
+renamed from local to global index.
 """
 
 from __future__ import annotations
@@ -23,8 +24,25 @@ def _config(overrides):
     return load_config(None, overrides)
 
 
-def _sync_then_save(rank, world, overrides, root):
-    from vespo_megatron.checkpoint import save_checkpoint
+def _shard_of(full: torch.Tensor, is_tp: bool, dim: int, stride: int, tp: int, tp_rank: int) -> torch.Tensor:
+    """Megatron's tensor-parallel shard of a full tensor (as its checkpoint resharding defines it)."""
+    if not is_tp:
+        return full
+    parts = [part.chunk(tp, dim=dim)[tp_rank] for part in full.chunk(stride, dim=dim)]
+    return torch.cat(parts, dim=dim)
+
+
+def _global_expert_name(name: str, ep_rank: int, per_rank: int) -> str:
+    """``...local_experts.{j}...`` on expert-parallel rank ``ep_rank`` as the unsplit model names it."""
+    marker = "local_experts."
+    if marker not in name:
+        return name
+    head, tail = name.split(marker)
+    index, rest = tail.split(".", 1)
+    return f"{head}{marker}{ep_rank * per_rank + int(index)}.{rest}"
+
+
+def _sync(rank, world, overrides):
     from vespo_megatron.models.gpt import unwrap
     from vespo_megatron.rl.weight_sync import TrainerSync, exchange_manifests
     from vespo_megatron.rl.workers import RolloutWorker
@@ -48,35 +66,29 @@ def _sync_then_save(rank, world, overrides, root):
     sync = TrainerSync(engine.chunks, ctx, split, config.model.num_experts, config.model.swiglu, 0.01)
     exchange_manifests(split, sync, ctx.dp_rank)
     pushed = sync.push()
-    save_checkpoint(engine, root, engine.iteration, {})
-    return {"pushed": pushed}
-
-
-def _reference(rank, world, overrides, root):
-    from vespo_megatron.checkpoint import latest_checkpoint, load_checkpoint
-    from vespo_megatron.models.gpt import unwrap
-    from vespo_megatron.runtime.distributed import initialize
-    from vespo_megatron.train.engine import build_engine
-
-    config = _config(overrides)
-    engine = build_engine(config, initialize(config), vocab_size=64)
-    load_checkpoint(engine, latest_checkpoint(root))
-    return {name: p.detach().clone() for name, p in unwrap(engine.chunks[0]).named_parameters()}
+    per_rank_experts = (config.model.num_experts or 1) // ctx.ep
+    shards = {_global_expert_name(name, ctx.ep_rank, per_rank_experts):
+              (p.detach().clone(), bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", -1),
+               getattr(p, "partition_stride", 1), ctx.etp_rank if not getattr(p, "allreduce", True) else ctx.tp_rank,
+               ctx.etp if not getattr(p, "allreduce", True) else ctx.tp)
+              for name, p in unwrap(engine.chunks[0]).named_parameters()}
+    return {"pushed": pushed, "shards": shards}
 
 
 @pytest.mark.parametrize("layout, base", [
     (["parallel.tp=2"], DENSE),
     (["parallel.ep=2", "parallel.etp=1"], MOE),
 ], ids=["tp2_to_tp1", "moe_ep2_to_ep1"])
-def test_worker_weights_equal_the_trainers_after_sync(tmp_path, layout, base):
-    results = run_local_workers(_sync_then_save, 3, base + layout, str(tmp_path), timeout_s=600)
-    worker = results[2]
-    reference = run_local_workers(_reference, 1, base, str(tmp_path), timeout_s=600)[0]
-    assert worker["params"].keys() == reference.keys()
-    for name, value in reference.items():
-        assert torch.equal(worker["params"][name], value), name
+def test_worker_weights_equal_the_trainers_after_sync(layout, base):
+    *trainers, worker = run_local_workers(_sync, 3, base + layout, timeout_s=600)
+    full = worker["params"]
+    covered = set()
+    for trainer in trainers:
+        for name, (shard, is_tp, dim, stride, tp_rank, tp) in trainer["shards"].items():
+            assert name in full, name
+            assert torch.equal(_shard_of(full[name], is_tp, dim, stride, tp, tp_rank), shard), name
+            covered.add(name)
+    assert covered == set(full)  # every worker parameter is some trainer's
     assert worker["buckets"] > 2  # 0.01 MiB buckets: the model travels in several pieces
-    total = sum(v.numel() * v.element_size() for v in reference.values())
-    assert worker["bytes"] >= total  # every parameter arrives (experts of both EP ranks, both TP shards)
-    for trainer in results[:2]:
-        assert trainer["pushed"]["sync/seconds"] >= 0
+    assert worker["bytes"] >= sum(v.numel() * v.element_size() for v in full.values())
+    assert all(t["pushed"]["sync/seconds"] >= 0 for t in trainers)
