@@ -4,7 +4,7 @@ Commands:
   train CONFIG [section.key=value ...]   the RL loop (run under torchrun or srun; gloo on CPU, nccl on GPU)
   demo                                   the CPU quick start: SFT warm-up, then VESPO RL with TP=2 on gloo
   check-config CONFIG --nodes N --gpus-per-node G   validate a layout, print the rank grid and memory
-  bench step|loss ...                    benchmark commands that print figures (--json for one object)
+  bench step|loss|async ...              benchmark commands that print figures (--json for one object)
   plot RUN_DIR                           PNG plots of a run's metrics
   study staleness                        the staleness study (losses x N) on the synthetic task
   train-tokenizer --input ... --output ... --vocab-size N   train a sentencepiece model
@@ -50,10 +50,13 @@ def _check_config(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vespo-megatron bench", description="Benchmarks that print figures.")
-    parser.add_argument("what", choices=["step", "loss"], help="step: training step per layout; loss: loss paths")
+    parser.add_argument("what", choices=["step", "loss", "async"],
+                        help="step: training step per layout; loss: loss paths; async: colocated vs disaggregated RL")
     args, rest = parser.parse_known_args(argv)
     if args.what == "step":
         from vespo_megatron.bench.step import main
+    elif args.what == "async":
+        from vespo_megatron.bench.async_rl import main
     else:
         from vespo_megatron.bench.loss import main
     return main(rest)

@@ -114,15 +114,27 @@ def plan_buckets(shards, ctx, bucket_bytes: int) -> list[list[tuple[ShardSpec, t
     return buckets
 
 
+class WorkerFailure(RuntimeError):
+    """A peer across the trainer/worker divide died or stopped answering; the message names its rank."""
+
+
+def post(op, tensor: torch.Tensor, peer: int, group, tag: int, what: str):
+    """``dist.isend``/``dist.irecv`` to/from global rank ``peer``; a dead peer becomes a :class:`WorkerFailure`."""
+    try:
+        return op(tensor, peer, group=group, tag=tag)
+    except Exception as exc:  # noqa: BLE001 - re-raised naming the peer
+        raise WorkerFailure(f"{what} failed: {exc}") from exc
+
+
 def _wait(work, timeout_s: float, what: str) -> None:
     from datetime import timedelta
 
     try:
         ok = work.wait(timeout=timedelta(seconds=timeout_s))
     except Exception as exc:  # noqa: BLE001 - re-raised naming the peer
-        raise RuntimeError(f"{what} failed: {exc}") from exc
+        raise WorkerFailure(f"{what} failed (dead or hung; rl.worker_timeout_s={timeout_s:g}): {exc}") from exc
     if ok is False:
-        raise RuntimeError(f"{what} did not complete within rl.worker_timeout_s={timeout_s:g}s")
+        raise WorkerFailure(f"{what} did not complete within rl.worker_timeout_s={timeout_s:g}s")
 
 
 class TrainerSync:
@@ -144,8 +156,8 @@ class TrainerSync:
         sent = 0
         for bucket in self.buckets:
             flat = torch.cat([param.detach().reshape(-1) for _, param in bucket])
-            works = [(dst, dist.isend(flat, dst=dst, group=self.split.weights_group, tag=WEIGHTS_TAG))
-                     for dst in self.split.rollout_ranks]
+            works = [(dst, post(dist.isend, flat, dst, self.split.weights_group, WEIGHTS_TAG,
+                                f"weight sync to rollout worker rank {dst}")) for dst in self.split.rollout_ranks]
             for dst, work in works:
                 _wait(work, self.split.timeout_s, f"weight sync to rollout worker rank {dst}")
             sent += flat.numel() * flat.element_size() * len(works)
@@ -174,7 +186,8 @@ class WorkerSync:
                 dtype = next(iter(self.local.values()))[1].dtype
                 numel = sum(_numel(spec.shape) for spec in bucket)
                 flat = torch.empty(numel, dtype=dtype, device=next(iter(self.local.values()))[1].device)
-                work = dist.irecv(flat, src=source, group=self.split.weights_group, tag=WEIGHTS_TAG)
+                work = post(dist.irecv, flat, source, self.split.weights_group, WEIGHTS_TAG,
+                            f"weight sync from trainer rank {source}")
                 _wait(work, self.split.timeout_s, f"weight sync from trainer rank {source}")
                 received += flat.numel() * flat.element_size()
                 offset = 0

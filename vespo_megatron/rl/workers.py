@@ -29,15 +29,11 @@ import torch.distributed as dist
 
 from vespo_megatron.rl.batch import Rollout
 from vespo_megatron.rl.staleness import default_lookahead
-from vespo_megatron.rl.weight_sync import TrainerSync, WorkerSync, _wait, exchange_manifests
+from vespo_megatron.rl.weight_sync import TrainerSync, WorkerFailure, WorkerSync, _wait, exchange_manifests, post
 
 HEADER_TAG = 42
 ROLLOUT_TAG = 43
 _HEADER_FIELDS = 4  # index, version, sync, stop
-
-
-class WorkerFailure(RuntimeError):
-    """A rollout worker (or the trainer, seen from a worker) died or stopped answering."""
 
 
 def lookahead(config) -> int:
@@ -128,11 +124,8 @@ class RolloutWorker:
     def _next_header(self) -> tuple[int, int, bool, bool]:
         header = torch.zeros(_HEADER_FIELDS, dtype=torch.int64)
         source = self.split.trainer_ranks[0]
-        work = dist.irecv(header, src=source, group=self.split.control_group, tag=HEADER_TAG)
-        try:
-            _wait(work, self.split.timeout_s, f"rollout worker rank {dist.get_rank()} waiting for the trainer (rank {source})")
-        except RuntimeError as err:
-            raise WorkerFailure(str(err)) from err
+        what = f"rollout worker rank {dist.get_rank()} waiting for trainer rank {source}"
+        _wait(post(dist.irecv, header, source, self.split.control_group, HEADER_TAG, what), self.split.timeout_s, what)
         index, version, sync, stop = (int(v) for v in header.tolist())
         if sync:
             self.sync.receive()
@@ -158,7 +151,8 @@ class RolloutWorker:
     def _send(self, messages: list[torch.Tensor]) -> list:
         if self.ctx.tp_rank != 0 or not messages:
             return []
-        return [(dst, dist.isend(messages[share], dst=dst, group=self.split.control_group, tag=ROLLOUT_TAG), messages)
+        return [(dst, post(dist.isend, messages[share], dst, self.split.control_group, ROLLOUT_TAG,
+                           f"rollout to trainer rank {dst}"), messages)
                 for dst, share in zip(self.split.trainer_ranks, self.trainer_shares)]
 
     def run(self) -> int:
@@ -177,10 +171,7 @@ class RolloutWorker:
 
     def _finish(self, pending: list) -> None:
         for dst, work, _ in pending:
-            try:
-                _wait(work, self.split.timeout_s, f"rollout to trainer rank {dst}")
-            except RuntimeError as err:
-                raise WorkerFailure(str(err)) from err
+            _wait(work, self.split.timeout_s, f"rollout to trainer rank {dst}")
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -214,8 +205,8 @@ class RemoteRollouts:
         header = torch.tensor([index, self.runner.engine.iteration, int(sync), int(stop)], dtype=torch.int64)
         self.pending_headers = [h for h in self.pending_headers if not h[1].is_completed()]
         for dst in self.split.rollout_ranks:
-            self.pending_headers.append(
-                (dst, dist.isend(header, dst=dst, group=self.split.control_group, tag=HEADER_TAG), header))
+            self.pending_headers.append((dst, post(dist.isend, header, dst, self.split.control_group, HEADER_TAG,
+                                                   f"header to rollout worker rank {dst}"), header))
 
     def step_done(self, index: int, stop: bool = False) -> dict[str, float]:
         """Step ``index`` was trained or dropped: tell the workers, and push weights when due."""
@@ -240,11 +231,8 @@ class RemoteRollouts:
         n = sequences_per_share(self.config, ctx.dp)
         message = torch.empty(n, 2 * self.width + 5, dtype=torch.float64)
         source = replica_leader(self.split, self.config, index)
-        work = dist.irecv(message, src=source, group=self.split.control_group, tag=ROLLOUT_TAG)
-        try:
-            _wait(work, self.split.timeout_s, f"rollout worker rank {source} (RL step {index})")
-        except RuntimeError as err:
-            raise WorkerFailure(f"{err}; the rollout worker is dead or hung") from err
+        what = f"receiving RL step {index} from rollout worker rank {source}"
+        _wait(post(dist.irecv, message, source, self.split.control_group, ROLLOUT_TAG, what), self.split.timeout_s, what)
         fields = _unpack(message, self.width)
         if fields["index"] != index:
             raise WorkerFailure(f"rollout worker rank {source} sent RL step {fields['index']}, expected {index}")
