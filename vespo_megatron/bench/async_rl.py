@@ -3,7 +3,8 @@
 Both modes run the real RL loop (:func:`vespo_megatron.rl.loop.run`) on the same number of local
 gloo processes (``--procs``), from the same config and overrides:
 
-* colocated: the config's layout over all processes (every rank samples its share, then trains);
+* colocated: the config's layout over all processes (every rank samples its share, then trains), or
+  over ``--colocated-procs`` of them;
 * disaggregated: ``parallel.rollout_ranks=--rollout-ranks`` of them sample continuously while the others
   train (``--split`` adds overrides for this run only, e.g. the trainer's smaller layout).
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML config of the run")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for both modes")
     parser.add_argument("--procs", type=int, default=2, help="local processes of each run (default 2)")
+    parser.add_argument("--colocated-procs", type=int, default=None,
+                        help="processes of the colocated run (default: --procs, the like-for-like comparison)")
     parser.add_argument("--rollout-ranks", type=int, default=1, help="rollout workers in the disaggregated run")
     parser.add_argument("--split", action="append", default=[],
                         help="an override for the disaggregated run only (repeatable), e.g. parallel.tp=1")
@@ -73,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             "disaggregated": common + [f"parallel.rollout_ranks={args.rollout_ranks}", *args.split,
                                        f"logging.run_dir={tmp}/disaggregated"],
         }
-        result: dict = {"procs": args.procs, "steps": args.steps, "warmup": args.warmup}
+        procs = {"colocated": args.colocated_procs or args.procs, "disaggregated": args.procs}
+        result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup}
         for mode, overrides in runs.items():
             config = load_config(args.config, overrides)
-            run_local_workers(_run, args.procs, args.config, overrides, timeout_s=3600)
+            run_local_workers(_run, procs[mode], args.config, overrides, timeout_s=3600)
             figures = _figures(Path(tmp) / mode, args.warmup, config.rl.num_minibatches)
             figures["overrides"] = overrides[len(common):-1]
             result[mode] = figures
@@ -88,5 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             f = result[mode]
             print(f"{mode:14s} {f['seconds_per_update']:.3f} s/update  {f['tokens_per_s']:.1f} tokens/s  "
                   f"(rollout wait {f['rollout_wait_s']:.3f} s, train {f['train_s']:.3f} s)")
-        print(f"speedup {result['speedup']:.2f}x on {args.procs} processes")
+        print(f"speedup {result['speedup']:.2f}x (colocated on {procs['colocated']}, disaggregated on "
+              f"{procs['disaggregated']} processes)")
     return 0
