@@ -7,8 +7,8 @@ What is checked:
    dropped and counted, and every trained sequence is at most 2 versions old (some are older than 0);
 3. a rollout worker killed with SIGKILL makes the trainer fail within rl.worker_timeout_s with an error
    naming the worker's rank, and the job resumes from the last checkpoint;
-4. a disaggregated run resumed from a mid-run checkpoint (with the steps the workers had sampled ahead
-   kept in it) logs the same metrics as the uninterrupted run.
+4. SIGUSR1 on the trainer checkpoints the steps the workers had sampled ahead (with their versions), and the
+   resumed run logs the same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -113,13 +113,34 @@ def test_killed_worker_fails_fast_naming_it_then_resume_continues(tmp_path):
     assert steps == list(range(1, 7))
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    common = ["train.steps=4", "rl.max_staleness=1", "checkpoint.save_every=2", *SPLIT]
+def _signalled_trainer(rank, world_size, overrides_, signal_at_step):
+    """The RL loop, except that the trainer sends itself SIGUSR1 during step ``signal_at_step`` (1-based)."""
+    from vespo_megatron.rl import loop
+
+    original = loop.run_step
+
+    def run_step(runner):
+        if runner.split.role == "trainer" and runner.step + 1 == signal_at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(runner)
+
+    loop.run_step = run_step
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def test_sigusr1_checkpoints_the_sampled_ahead_steps_and_resume_reproduces(tmp_path):
+    from vespo_megatron.checkpoint import load_weights_only
+
+    common = ["train.steps=4", "rl.max_staleness=1", *SPLIT]
     whole = tmp_path / "whole"
-    run_local_workers(_run_and_weights, 2, overrides(whole, *common, f"checkpoint.dir={whole / 'ckpt'}"),
-                      timeout_s=600)
+    run_local_workers(_run_and_weights, 2, overrides(whole, *common), timeout_s=600)
     parts = tmp_path / "parts"
     part_overrides = overrides(parts, *common, f"checkpoint.dir={parts / 'ckpt'}")
-    run_local_workers(_run_and_weights, 2, [*part_overrides, "train.steps=2"], timeout_s=600)
+    stopped = run_local_workers(_signalled_trainer, 2, part_overrides, 2, timeout_s=600)[0]
+    assert stopped["step"] == 2
+    saved = load_weights_only(parts / "ckpt" / "step_00000002" / "ranks" / "rank_00000.pt")["extra_state"]
+    assert saved["remote"]["next_index"] == 2
+    assert [f["index"] for f in saved["remote"]["buffer"]] == [2]  # lookahead 1: step 2 was already sampled
+    assert saved["remote"]["buffer"][0]["version"] == 1
     run_local_workers(_run_and_weights, 2, part_overrides, timeout_s=600)
     assert _records(parts / "run") == _records(whole / "run")
