@@ -144,3 +144,23 @@ def test_sigusr1_checkpoints_the_sampled_ahead_steps_and_resume_reproduces(tmp_p
     assert saved["remote"]["buffer"][0]["version"] == 1
     run_local_workers(_run_and_weights, 2, part_overrides, timeout_s=600)
     assert _records(parts / "run") == _records(whole / "run")
+
+
+def test_sampler_behaviour_takes_mu_from_external_rollouts(tmp_path):
+    """External JSONL rollouts with made-up sampler log-probs (-0.5 per token, far from the untrained model's
+    about -log V). With ``recompute`` and one mini-batch, mu is the current policy and log W is 0; with
+    ``sampler``, mu is the file's log-probs: log W = S - sum(-0.5) is large, and a TIS correction has nothing
+    left to correct (the same run as without it)."""
+    from tests.e2e.rl_fixtures import run_workers
+    from tests.e2e.test_rl_loop import _synthetic_rollouts
+
+    path = _synthetic_rollouts(tmp_path / "rollouts.jsonl", sampler_logprob=-0.5)
+    common = ["rollout.source=jsonl", f"rollout.jsonl_path={path}", "train.steps=2"]
+    runs = {}
+    for name, extra in {"recompute": ["loss.behaviour=recompute"], "sampler": ["loss.behaviour=sampler"],
+                        "sampler_tis": ["loss.behaviour=sampler", "loss.correction.mode=tis"]}.items():
+        run_workers(1, overrides(tmp_path, *common, *extra, f"logging.run_dir={tmp_path / name}"))
+        runs[name] = deterministic_records(tmp_path / name)
+    assert all(r["vespo/abs_log_w_mean"] < 1e-5 for r in runs["recompute"])
+    assert all(r["vespo/abs_log_w_mean"] > 1.0 for r in runs["sampler"])
+    assert runs["sampler_tis"] == runs["sampler"]

@@ -55,6 +55,12 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
         expert_ffn = model.moe_ffn_hidden_size or model.ffn_size
         _require(expert_ffn % rollout_tp == 0,
                  f"rollout.parallel.tp={rollout_tp} does not divide model.moe_ffn_hidden_size={expert_ffn}")
+        # the workers' MoE layers run with sequence parallelism and expert tp = tp
+        _require(rollout_tp == 1 or config.seq_length % rollout_tp == 0,
+                 f"train.seq_length={config.seq_length} must be divisible by rollout.parallel.tp={rollout_tp} "
+                 "(MoE rollout workers with tp > 1 use sequence parallelism)")
+        _require(rollout_tp == 1 or not model.add_bias_linear,
+                 f"rollout.parallel.tp={rollout_tp} > 1 splits the experts, which needs model.add_bias_linear=false")
     _require(config.rollout.source == "model",
              "parallel.rollout_ranks > 0 needs rollout.source=model (external JSONL rollouts need no workers); "
              "set parallel.rollout_ranks=0")
