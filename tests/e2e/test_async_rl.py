@@ -8,7 +8,8 @@ What is checked:
 3. a rollout worker killed with SIGKILL makes the trainer fail within rl.worker_timeout_s with an error
    naming the worker's rank, and the job resumes from the last checkpoint;
 4. SIGUSR1 on the trainer checkpoints the steps the workers had sampled ahead (with their versions), and the
-   resumed run logs the same metrics as an uninterrupted one.
+   resumed run logs the same metrics as an uninterrupted one;
+5. loss.behaviour=sampler takes mu from the sampler's log-probs (here an external JSONL file).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from tests.e2e.rl_fixtures import deterministic_records, load, overrides
 from vespo_megatron.runtime.local_workers import WorkerError, run_local_workers
+
+pytestmark = pytest.mark.slow
 
 SPLIT = ["parallel.rollout_ranks=1", "rl.worker_timeout_s=60"]
 STALE_KEYS = ("sync/",)
