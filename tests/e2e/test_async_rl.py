@@ -5,8 +5,8 @@ What is checked:
    colocated single-process run bit for bit (every metric, the final weights);
 2. with rl.max_staleness=2 and workers running further ahead than the bound allows, rollouts are
    dropped and counted, and every trained sequence is at most 2 versions old (some are older than 0);
-3. a rollout worker killed with SIGKILL makes the trainer fail within rl.worker_timeout_s with an error
-   naming the worker's rank, and the job resumes from the last checkpoint;
+3. a rollout worker killed with SIGKILL, or one that stops answering, makes the trainer fail within
+   rl.worker_timeout_s with an error naming the worker's rank, and the job resumes from the last checkpoint;
 4. SIGUSR1 on the trainer checkpoints the steps the workers had sampled ahead (with their versions), and the
    resumed run logs the same metrics as an uninterrupted one;
 5. loss.behaviour=sampler takes mu from the sampler's log-probs (here an external JSONL file).
@@ -97,6 +97,32 @@ def _killed_worker(rank, world_size, overrides_, kill_at_step):
 
     workers.RolloutWorker._generate = generate
     return _run_and_weights(rank, world_size, overrides_)
+
+
+def _hung_worker(rank, world_size, overrides_, hang_at_step):
+    """The RL loop, except that the rollout worker stops answering (sleeps) when it reaches ``hang_at_step``."""
+    from vespo_megatron.rl import workers
+
+    original = workers.RolloutWorker._generate
+
+    def generate(self, step):
+        if step == hang_at_step:
+            time.sleep(3600)
+        return original(self, step)
+
+    workers.RolloutWorker._generate = generate
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def test_hung_worker_fails_at_the_timeout_naming_it(tmp_path):
+    extra = ["train.steps=6", "parallel.rollout_ranks=1", "rl.worker_timeout_s=8"]
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        run_local_workers(_hung_worker, 2, overrides(tmp_path, *extra), 2, timeout_s=300)
+    elapsed = time.monotonic() - started
+    message = str(failure.value)
+    assert "rollout worker rank 1" in message and "rl.worker_timeout_s=8" in message, message[-2000:]
+    assert elapsed < 8 + 60, elapsed
 
 
 def test_killed_worker_fails_fast_naming_it_then_resume_continues(tmp_path):
