@@ -1,11 +1,15 @@
 """The RL run: set-up, optional supervised warm-up, the step loop, metrics, checkpoints, resume.
 
 ``run(config)`` is what ``vespo-megatron train`` calls on every rank (under torchrun or srun).
-The loop keeps a queue of rollouts to simulate asynchronous training faithfully: at every step one
-rollout is sampled with the current weights (and its old-policy log-probs computed with those same
-weights), and the oldest rollout in the queue is trained on once the queue holds more than
-``rl.async_lag`` of them, so updates always use data sampled ``K`` steps earlier. The queue, the prompt
-stream position and the step are checkpointed, so a resumed run continues exactly.
+Colocated (the default), every rank samples then trains. The loop can keep a queue of rollouts to
+simulate asynchronous training faithfully: at every step one rollout is sampled with the current
+weights (and its old-policy log-probs computed with those same weights), and the oldest rollout in the
+queue is trained on once the queue holds more than ``rl.async_lag`` of them. With
+``parallel.rollout_ranks > 0`` (disaggregated, :mod:`vespo_megatron.rl.workers`) the rollout ranks run
+:func:`_run_rollout_worker` and the trainer ranks take their steps from the workers. Either way the
+:class:`~vespo_megatron.rl.staleness.StalenessManager` admits each rollout and counts its staleness.
+The queue (or the steps the workers sampled ahead), the prompt stream position and the step are
+checkpointed, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
