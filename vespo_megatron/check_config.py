@@ -103,9 +103,9 @@ def render(report: dict, config: Config) -> str:
     world = report["world_size"]
     params = report["parameters"]
     lines = [
-        f"layout: {report['nodes']} node(s) x {report['gpus_per_node']} GPU(s) = {world} ranks"
-        + (f" ({report['rollout_ranks']} rollout workers: the last ranks; the trainer grid below)"
-           if report["rollout_ranks"] else ""),
+        (f"layout: {report['nodes']} node(s) x {report['gpus_per_node']} GPU(s) = {world} ranks"
+         + (f" ({report['rollout_ranks']} rollout workers: the last ranks; the trainer grid below)"
+            if report["rollout_ranks"] else "")),
         render_layout(build_layout(config.parallel, config.parallel.trainer_world(world)), report["gpus_per_node"]),
         "",
         f"parameters: {params['total']:,} total, {params['active_per_token']:,} active per token "

@@ -30,7 +30,6 @@ def _run(rank, world_size, config_path, overrides):
     from vespo_megatron.rl.loop import run
 
     run(load_config(config_path, overrides))
-    return None
 
 
 def _figures(run_dir: Path, warmup: int, num_minibatches: int) -> dict[str, float]:

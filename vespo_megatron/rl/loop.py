@@ -62,19 +62,17 @@ class Runner:
 
 
 def build_runner(config: Config) -> Runner:
+    from vespo_megatron.rl.staleness import StalenessManager
     from vespo_megatron.rollout.external import ExternalRollouts
     from vespo_megatron.tasks import build_task
     from vespo_megatron.tokenizer import load_tokenizer
-
-    from vespo_megatron.rl.staleness import StalenessManager
 
     tokenizer = load_tokenizer(config.task.tokenizer)
     task = build_task(config.task.name, **config.task.options)
     split = None
     if config.parallel.rollout_ranks:
-        from vespo_megatron.runtime.distributed import initialize_disaggregated
-
         from vespo_megatron.rl.workers import RolloutWorker
+        from vespo_megatron.runtime.distributed import initialize_disaggregated
 
         ctx, split = initialize_disaggregated(config)
         if split.role == "rollout":

@@ -77,8 +77,8 @@ def canonical_shards(chunks, ctx, num_experts: Optional[int], swiglu: bool) -> l
             expert = not getattr(param, "allreduce", True)
             if expert and num_experts:
                 offset = _expert_index_offset(ctx, num_experts)
-                name = _LOCAL_EXPERT.sub(lambda m: f"local_experts.{int(m.group(1)) + offset}.", name)
-                name = _GROUPED_EXPERT.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name)
+                name = _LOCAL_EXPERT.sub(lambda m, o=offset: f"local_experts.{int(m.group(1)) + o}.", name)
+                name = _GROUPED_EXPERT.sub(lambda m, o=offset: f"{m.group(1)}{int(m.group(2)) + o}", name)
             sharded = bool(getattr(param, "tensor_model_parallel", False))
             pieces, index = (ctx.etp, ctx.etp_rank) if expert else (ctx.tp, ctx.tp_rank)
             dim = int(param.partition_dim) if sharded else None
@@ -122,7 +122,7 @@ def post(op, tensor: torch.Tensor, peer: int, group, tag: int, what: str):
     """``dist.isend``/``dist.irecv`` to/from global rank ``peer``; a dead peer becomes a :class:`WorkerFailure`."""
     try:
         return op(tensor, peer, group=group, tag=tag)
-    except Exception as exc:  # noqa: BLE001 - re-raised naming the peer
+    except Exception as exc:
         raise WorkerFailure(f"{what} failed: {exc}") from exc
 
 
@@ -131,7 +131,7 @@ def _wait(work, timeout_s: float, what: str) -> None:
 
     try:
         ok = work.wait(timeout=timedelta(seconds=timeout_s))
-    except Exception as exc:  # noqa: BLE001 - re-raised naming the peer
+    except Exception as exc:
         raise WorkerFailure(f"{what} failed (dead or hung; rl.worker_timeout_s={timeout_s:g}): {exc}") from exc
     if ok is False:
         raise WorkerFailure(f"{what} did not complete within rl.worker_timeout_s={timeout_s:g}s")

@@ -20,7 +20,6 @@ or silent peer becomes an error naming its rank.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from typing import Optional
 
