@@ -60,13 +60,14 @@ def check(config: Config, nodes: int, gpus_per_node: int, *, gpu_memory_gb: floa
     world = nodes * gpus_per_node
     validate(config, world)
     vocab = _vocab_size(config, vocab_size)
-    layout = build_layout(config.parallel, world)
+    layout = build_layout(config.parallel, config.parallel.trainer_world(world))  # the trainer ranks' grid
     stages = estimates.estimate_memory(config, world, vocab, overhead_gb=overhead_gb)
     peak = estimates.peak_memory(stages)
     comm = estimates.loss_communication(config, world)
     return {
         "ok": peak.total <= gpu_memory_gb * estimates.GIB,
         "world_size": world,
+        "rollout_ranks": config.parallel.rollout_ranks,
         "nodes": nodes,
         "gpus_per_node": gpus_per_node,
         "gpu_memory_gb": gpu_memory_gb,
@@ -102,8 +103,10 @@ def render(report: dict, config: Config) -> str:
     world = report["world_size"]
     params = report["parameters"]
     lines = [
-        f"layout: {report['nodes']} node(s) x {report['gpus_per_node']} GPU(s) = {world} ranks",
-        render_layout(build_layout(config.parallel, world), report["gpus_per_node"]),
+        (f"layout: {report['nodes']} node(s) x {report['gpus_per_node']} GPU(s) = {world} ranks"
+         + (f" ({report['rollout_ranks']} rollout workers: the last ranks; the trainer grid below)"
+            if report["rollout_ranks"] else "")),
+        render_layout(build_layout(config.parallel, config.parallel.trainer_world(world)), report["gpus_per_node"]),
         "",
         f"parameters: {params['total']:,} total, {params['active_per_token']:,} active per token "
         f"(vocabulary {report['vocab_size']} padded to {report['padded_vocab_size']})",

@@ -4,7 +4,7 @@ Commands:
   train CONFIG [section.key=value ...]   the RL loop (run under torchrun or srun; gloo on CPU, nccl on GPU)
   demo                                   the CPU quick start: SFT warm-up, then VESPO RL with TP=2 on gloo
   check-config CONFIG --nodes N --gpus-per-node G   validate a layout, print the rank grid and memory
-  bench step|loss|generate ...           benchmark commands that print figures (--json for one object)
+  bench step|loss|generate|async ...     benchmark commands that print figures (--json for one object)
   plot RUN_DIR                           PNG plots of a run's metrics
   study staleness|lr-sweep               the staleness study (variants x N, fixed mini-batch) and its lr sweep
   train-tokenizer --input ... --output ... --vocab-size N   train a sentencepiece model
@@ -50,9 +50,10 @@ def _check_config(argv: list[str]) -> int:
 
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vespo-megatron bench", description="Benchmarks that print figures.")
-    parser.add_argument("what", choices=["step", "loss", "generate"],
-                        help="step: training step per layout; loss: loss paths; generate: rollout tokens/s")
-    if argv and argv[0] in ("step", "loss", "generate"):  # so that `bench <what> --help` shows <what>'s flags
+    parser.add_argument("what", choices=["step", "loss", "generate", "async"],
+                        help="step: training step per layout; loss: loss paths; generate: rollout tokens/s; "
+                             "async: colocated vs disaggregated RL")
+    if argv and argv[0] in ("step", "loss", "generate", "async"):  # so that `bench <what> --help` shows its flags
         what, rest = argv[0], argv[1:]
     else:
         what, rest = parser.parse_known_args(argv)[0].what, []
@@ -60,6 +61,8 @@ def _bench(argv: list[str]) -> int:
         from vespo_megatron.bench.step import main
     elif what == "generate":
         from vespo_megatron.bench.generate import main
+    elif what == "async":
+        from vespo_megatron.bench.async_rl import main
     else:
         from vespo_megatron.bench.loss import main
     return main(rest)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from vespo_megatron.config.errors import _require
+from vespo_megatron.config.parallel import RolloutParallelConfig
 from vespo_megatron.loss.kernel import CorrectionParams
 from vespo_megatron.loss.policy import CispoParams, GrpoParams, GspoParams, SapoParams, VespoParams
 
@@ -21,6 +22,12 @@ class LossConfig:
     """Normaliser over the whole update (all micro-batches, all data-parallel ranks)."""
     chunk_size: int = 1024
     """Tokens whose vocabulary-parallel logits are materialised at once in the loss."""
+    behaviour: Literal["recompute", "sampler"] = "recompute"
+    """Where log mu (the behaviour policy of the importance weight) comes from. 'recompute': a forward
+    pass of the trainer's weights as the rollout enters training: the sampling weights themselves when
+    the rollout is fresh (colocated mode, or staleness 0), a newer proximal policy otherwise, with
+    loss.correction (TIS/MIS) covering the gap to the sampler's log-probs. 'sampler': the sampler's own
+    per-token log-probs (also for external JSONL rollouts); no extra forward pass. docs/rl.md."""
     correction: CorrectionParams = field(default_factory=CorrectionParams)
     """Train/inference correction between the trainer's old-policy log-probs and the sampler's."""
     vespo: VespoParams = field(default_factory=VespoParams)
@@ -71,6 +78,8 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     """Extra stop strings: a response also ends once its tokens end with one of them as the tokenizer
     encodes it (the stop token always ends it)."""
+    parallel: RolloutParallelConfig = field(default_factory=RolloutParallelConfig)
+    """Layout of the rollout workers when parallel.rollout_ranks > 0 (disaggregated mode)."""
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")
@@ -94,7 +103,22 @@ class RLConfig:
     num_minibatches: int = 1
     """N: each rollout batch is split into N mini-batches applied in sequence (the staleness knob)."""
     async_lag: int = 0
-    """K: rollouts come from the policy as it was K optimizer updates ago (simulated asynchrony)."""
+    """Colocated mode: train on the rollout sampled async_lag RL steps earlier (simulated asynchrony)."""
+    max_staleness: Optional[int] = None
+    """K: a rollout whose policy version (optimizer updates before it was sampled) is more than K
+    behind the trainer's when it enters training is dropped and counted; None sets no bound."""
+    sync_every: int = 1
+    """Disaggregated mode: push the trainer's weights to the rollout workers every this many optimizer
+    updates (checked after each RL step)."""
+    lookahead: Optional[int] = None
+    """Disaggregated mode: RL steps a rollout worker may run ahead of the trainer. None picks the
+    largest that never exceeds rl.max_staleness (1 without a bound); larger values keep workers busier
+    at the price of dropped rollouts."""
+    sync_bucket_mb: float = 64.0
+    """Disaggregated mode: weights travel to the workers in flat buckets of about this many MiB."""
+    worker_timeout_s: float = 600.0
+    """Disaggregated mode: seconds any message between trainer and workers may take (a rollout, a
+    weight bucket); past it the job fails naming the silent rank instead of hanging."""
     std_normalize_advantages: bool = True
     """Divide group-centred rewards by the group's std (GRPO); false keeps mean-centring only."""
     filter_uniform_groups: bool = False
@@ -113,6 +137,13 @@ class RLConfig:
     def __post_init__(self) -> None:
         _require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")
         _require(self.async_lag >= 0, f"rl.async_lag={self.async_lag} must be >= 0")
+        _require(self.max_staleness is None or self.max_staleness >= 0,
+                 f"rl.max_staleness={self.max_staleness} must be >= 0 or null (no bound)")
+        _require(self.sync_every >= 1, f"rl.sync_every={self.sync_every} must be >= 1")
+        _require(self.lookahead is None or self.lookahead >= 0,
+                 f"rl.lookahead={self.lookahead} must be >= 0 or null (derived from rl.max_staleness)")
+        _require(self.sync_bucket_mb > 0, f"rl.sync_bucket_mb={self.sync_bucket_mb} must be > 0")
+        _require(self.worker_timeout_s > 0, f"rl.worker_timeout_s={self.worker_timeout_s} must be > 0")
         _require(self.sft_warmup_steps >= 0, f"rl.sft_warmup_steps={self.sft_warmup_steps} must be >= 0")
         _require(self.kl_coef >= 0, f"rl.kl_coef={self.kl_coef} must be >= 0 (0 disables the KL penalty)")
 

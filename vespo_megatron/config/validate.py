@@ -14,11 +14,67 @@ def validate(config: Config, world_size: int) -> None:
     Runs in pure Python (no torch.distributed); raises :class:`ConfigError` naming fields and a fix.
     """
     _require(world_size >= 1, f"world_size={world_size} must be >= 1")
-    _validate_grid(config.parallel, world_size)
+    _validate_disaggregated(config, world_size)
+    trainers = config.parallel.trainer_world(world_size)  # the layout checks are the trainer's
+    _validate_grid(config.parallel, trainers)
     _validate_model_split(config.parallel, config.model)
-    _validate_experts(config.parallel, config.model, world_size)
+    _validate_experts(config.parallel, config.model, trainers)
     _validate_batch(config, world_size)
     _validate_rl(config, world_size)
+
+
+def _validate_disaggregated(config: Config, world_size: int) -> None:
+    """Disaggregated mode: the rank split, the rollout layout and the staleness schedule."""
+    import math
+
+    from vespo_megatron.rl.staleness import worst_staleness
+
+    par, rl, rollout_tp = config.parallel, config.rl, config.rollout.parallel.tp
+    if config.rl.max_staleness is not None and not par.rollout_ranks:
+        lag = rl.async_lag * rl.num_minibatches
+        _require(lag <= rl.max_staleness,
+                 f"rl.async_lag={rl.async_lag} trains every rollout {lag} updates late (num_minibatches="
+                 f"{rl.num_minibatches}), beyond rl.max_staleness={rl.max_staleness}: every rollout would be "
+                 f"dropped; raise max_staleness to >= {lag} or lower async_lag")
+    if not par.rollout_ranks:
+        return
+    workers = par.rollout_ranks
+    _require(workers < world_size,
+             f"parallel.rollout_ranks={workers} leaves no trainer rank in a world of {world_size}; "
+             f"use rollout_ranks <= {world_size - 1}")
+    _require(workers % rollout_tp == 0,
+             f"parallel.rollout_ranks={workers} is not divisible by rollout.parallel.tp={rollout_tp}; "
+             "each rollout replica holds tp ranks")
+    model = config.model
+    _require(model.num_attention_heads % rollout_tp == 0 and model.query_groups % rollout_tp == 0
+             and model.ffn_size % rollout_tp == 0,
+             f"rollout.parallel.tp={rollout_tp} does not divide model.num_attention_heads="
+             f"{model.num_attention_heads}, num_query_groups={model.query_groups} and ffn_hidden_size="
+             f"{model.ffn_size}; use a rollout tp in {_divisors(math.gcd(model.num_attention_heads, model.query_groups))}")
+    if model.is_moe:
+        expert_ffn = model.moe_ffn_hidden_size or model.ffn_size
+        _require(expert_ffn % rollout_tp == 0,
+                 f"rollout.parallel.tp={rollout_tp} does not divide model.moe_ffn_hidden_size={expert_ffn}")
+        # the workers' MoE layers run with sequence parallelism and expert tp = tp
+        _require(rollout_tp == 1 or config.seq_length % rollout_tp == 0,
+                 f"train.seq_length={config.seq_length} must be divisible by rollout.parallel.tp={rollout_tp} "
+                 "(MoE rollout workers with tp > 1 use sequence parallelism)")
+        _require(rollout_tp == 1 or not model.add_bias_linear,
+                 f"rollout.parallel.tp={rollout_tp} > 1 splits the experts, which needs model.add_bias_linear=false")
+    _require(config.rollout.source == "model",
+             "parallel.rollout_ranks > 0 needs rollout.source=model (external JSONL rollouts need no workers); "
+             "set parallel.rollout_ranks=0")
+    _require(not config.rollout.routing_replay,
+             "rollout.routing_replay=true is not available with parallel.rollout_ranks > 0 (the workers' experts "
+             "are laid out differently); set routing_replay=false")
+    worst = worst_staleness(0, rl.num_minibatches, rl.sync_every)
+    _require(rl.max_staleness is None or worst <= rl.max_staleness,
+             f"rl.sync_every={rl.sync_every} with rl.num_minibatches={rl.num_minibatches} lets rollouts reach "
+             f"staleness {worst} > rl.max_staleness={rl.max_staleness} even without lookahead; lower sync_every "
+             f"or raise max_staleness")
+    _require(rl.async_lag == 0,
+             f"rl.async_lag={rl.async_lag} simulates asynchrony in colocated mode; with parallel.rollout_ranks > 0 "
+             "use rl.lookahead / rl.max_staleness instead and set async_lag=0")
 
 
 def _validate_grid(par: ParallelConfig, world_size: int) -> None:
@@ -198,6 +254,11 @@ def _validate_rl(config: Config, world_size: int) -> None:
         not (rl.kl_coef > 0 and config.loss.name != "vespo" and config.parallel.cp > 1),
         f"rl.kl_coef > 0 with loss.name={config.loss.name} needs whole sequences per rank; it does not support "
         "parallel.cp > 1 (VESPO's sequence-parallel path does)",
+    )
+    _require(
+        not (rollout.routing_replay and config.loss.behaviour == "sampler"),
+        "rollout.routing_replay=true records experts in the recompute pass, which loss.behaviour=sampler skips; "
+        "set loss.behaviour=recompute or routing_replay=false",
     )
     _require(
         not rollout.routing_replay or config.model.is_moe,

@@ -1,11 +1,15 @@
 """The RL run: set-up, optional supervised warm-up, the step loop, metrics, checkpoints, resume.
 
 ``run(config)`` is what ``vespo-megatron train`` calls on every rank (under torchrun or srun).
-The loop keeps a queue of rollouts to simulate asynchronous training faithfully: at every step one
-rollout is sampled with the current weights (and its old-policy log-probs computed with those same
-weights), and the oldest rollout in the queue is trained on once the queue holds more than
-``rl.async_lag`` of them, so updates always use data sampled ``K`` steps earlier. The queue, the prompt
-stream position and the step are checkpointed, so a resumed run continues exactly.
+Colocated (the default), every rank samples then trains. The loop can keep a queue of rollouts to
+simulate asynchronous training faithfully: at every step one rollout is sampled with the current
+weights (and its old-policy log-probs computed with those same weights), and the oldest rollout in the
+queue is trained on once the queue holds more than ``rl.async_lag`` of them. With
+``parallel.rollout_ranks > 0`` (disaggregated, :mod:`vespo_megatron.rl.workers`) the rollout ranks run
+:func:`_run_rollout_worker` and the trainer ranks take their steps from the workers. Either way the
+:class:`~vespo_megatron.rl.staleness.StalenessManager` admits each rollout and counts its staleness.
+The queue (or the steps the workers sampled ahead), the prompt stream position and the step are
+checkpointed, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -42,29 +46,56 @@ class Runner:
     task: object
     prompts: object
     external: object = None
+    remote: object = None
+    """Disaggregated mode: the trainer's link to the rollout workers (:class:`vespo_megatron.rl.workers.RemoteRollouts`)."""
+    staleness: object = None
+    """The :class:`vespo_megatron.rl.staleness.StalenessManager` that admits rollouts and counts staleness."""
+    split: object = None
     queue: list = field(default_factory=list)
     step: int = 0
+    stop_requested: object = None
+    """Disaggregated mode: a callable polled before each step's header (preemption), set by :func:`run`."""
+    stopping: bool = False
     history: list = field(default_factory=list)
     eval_before: Optional[float] = None
     eval_after: Optional[float] = None
 
 
 def build_runner(config: Config) -> Runner:
+    from vespo_megatron.rl.staleness import StalenessManager
     from vespo_megatron.rollout.external import ExternalRollouts
     from vespo_megatron.tasks import build_task
     from vespo_megatron.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(config.task.tokenizer)
     task = build_task(config.task.name, **config.task.options)
-    ctx = initialize(config)
+    split = None
+    if config.parallel.rollout_ranks:
+        from vespo_megatron.rl.workers import RolloutWorker
+        from vespo_megatron.runtime.distributed import initialize_disaggregated
+
+        ctx, split = initialize_disaggregated(config)
+        if split.role == "rollout":
+            worker = RolloutWorker(config, ctx, split, tokenizer, task, trainer_dp=config.parallel.dp(
+                len(split.trainer_ranks) + len(split.rollout_ranks)))
+            return Runner(config=config, engine=worker.engine, tokenizer=tokenizer, task=task, prompts=None,
+                          remote=worker, split=split)
+    else:
+        ctx = initialize(config)
     engine = build_engine(config, ctx, vocab_size=tokenizer.vocab_size)
     external = None
     if config.rollout.source == "jsonl":
         external = ExternalRollouts(config.rollout.jsonl_path, group_size=config.rollout.group_size,
                                     seq_length=config.seq_length, pad_id=tokenizer.pad_id,
                                     vocab_size=tokenizer.vocab_size)
-    return Runner(config=config, engine=engine, tokenizer=tokenizer, task=task, prompts=task.prompts(),
-                  external=external)
+    staleness = StalenessManager(config.rl.max_staleness, config.rl.num_minibatches)
+    runner = Runner(config=config, engine=engine, tokenizer=tokenizer, task=task, prompts=task.prompts(),
+                    external=external, staleness=staleness, split=split)
+    if split is not None:
+        from vespo_megatron.rl.workers import RemoteRollouts
+
+        runner.remote = RemoteRollouts(runner, split)  # exchanges the weight-sync plan with the workers
+    return runner
 
 
 # ------------------------------------------------------------------------------------------ warm-up
@@ -174,27 +205,60 @@ def _phi_metrics(results, ctx) -> dict[str, float]:
     return out
 
 
+def _admitted_remote_rollout(runner: Runner) -> tuple[Rollout, float]:
+    """Disaggregated mode: the next rollout the staleness bound admits (drops are reported to the workers)."""
+    from vespo_megatron.rl.workers import to_rollout
+
+    waited = 0.0
+    while True:
+        started = time.perf_counter()
+        fields = runner.remote.next_fields()
+        waited += time.perf_counter() - started
+        index = runner.remote.next_index - 1
+        # every trainer rank decides alike: versions and sizes are the same on all of them
+        if runner.staleness.admit(fields["version"], runner.engine.iteration, fields["sequences"].shape[0]):
+            return to_rollout(runner, fields), waited
+        runner.remote.step_done(index)
+
+
 def run_step(runner: Runner) -> Optional[dict]:
     """One RL step; returns its metrics (None while the async queue is still filling)."""
     cfg = runner.config
     started = time.perf_counter()
-    runner.queue.append(_next_rollout(runner))
-    sampled = time.perf_counter()
-    fresh = runner.queue[-1]
-    metrics = rollout_metrics(fresh, runner.engine.ctx)
-    metrics["time/rollout"] = sampled - started
-    if len(runner.queue) <= cfg.rl.async_lag:
-        return None
-    rollout = runner.queue.pop(0)
+    if runner.remote is not None:
+        rollout, waited = _admitted_remote_rollout(runner)
+        metrics = rollout_metrics(rollout, runner.engine.ctx)
+        metrics["time/rollout"] = waited
+    else:
+        runner.queue.append(_next_rollout(runner))
+        sampled = time.perf_counter()
+        fresh = runner.queue[-1]
+        metrics = rollout_metrics(fresh, runner.engine.ctx)
+        metrics["time/rollout"] = sampled - started
+        if len(runner.queue) <= cfg.rl.async_lag:
+            return None
+        rollout = runner.queue.pop(0)
+        runner.staleness.admit(rollout.behaviour_version, runner.engine.iteration, rollout.size)
+    version_before = runner.engine.iteration
     results = train_on_rollout(runner, rollout, runner.step)
     finished = time.perf_counter()
+    rows_per_update = rollout.size // cfg.rl.num_minibatches * runner.engine.ctx.dp
+    for update in range(len(results)):
+        runner.staleness.record_update(rollout.behaviour_version, version_before + update, rows_per_update)
     metrics["loss/value"] = sum(r.metrics.get("loss/value", 0.0) for r in results) / len(results)
     norms = [r.grad_norm for r in results if r.grad_norm is not None]
     metrics["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
     metrics["lr"] = results[-1].lr
-    metrics["staleness/policy_lag"] = float(runner.engine.iteration - len(results) - rollout.behaviour_version)
+    metrics["staleness/policy_lag"] = float(version_before - rollout.behaviour_version)
+    metrics.update(runner.staleness.step_metrics())
     metrics["time/train"] = sum(r.seconds["forward_backward"] for r in results)
     metrics["time/optimizer"] = sum(r.seconds["optimizer"] for r in results)
+    if runner.remote is not None:
+        runner.stopping = runner.step + 1 >= cfg.train.steps or bool(runner.stop_requested and runner.stop_requested())
+        sync = runner.remote.step_done(runner.remote.next_index - 1, stop=runner.stopping)
+        metrics["time/sync"] = sync["sync/seconds"]
+        metrics["sync/bytes"] = sync["sync/bytes"]
+        finished = time.perf_counter()
     metrics["time/step"] = finished - started
     metrics["throughput/tokens_per_s"] = metrics["response/tokens"] / max(finished - started, 1e-9)
     metrics.update(_phi_metrics(results, runner.engine.ctx))
@@ -211,6 +275,9 @@ def loop_state(runner: Runner) -> dict:
     state["prompts"] = runner.prompts.state_dict()
     if runner.external is not None:
         state["external"] = runner.external.state_dict()
+    state["staleness"] = runner.staleness.state_dict()
+    if runner.remote is not None:
+        state["remote"] = runner.remote.state_dict()
     return state
 
 
@@ -221,6 +288,27 @@ def load_loop_state(runner: Runner, state: dict) -> None:
     runner.prompts.load_state_dict(state["prompts"])
     if runner.external is not None and "external" in state:
         runner.external.load_state_dict(state["external"])
+    if "staleness" in state:
+        runner.staleness.load_state_dict(state["staleness"])
+    if runner.remote is not None and "remote" in state:
+        runner.remote.load_state_dict(state["remote"])
+
+
+def _announce_start(runner: Runner, step: int) -> int:
+    """Trainer rank 0 tells every rank the RL step the workers start sampling at (0, or after a resume)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([step], dtype=torch.int64)
+    dist.broadcast(value, src=runner.split.trainer_ranks[0], group=runner.split.control_group)
+    return int(value.item())
+
+
+def _run_rollout_worker(runner: Runner) -> Runner:
+    """A rollout rank's whole run: wait for the start, then sample until the trainer says stop."""
+    worker = runner.remote
+    worker.fast_forward(_announce_start(runner, 0))
+    runner.step = worker.run()
+    return runner
 
 
 def run(config: Config) -> Runner:
@@ -229,6 +317,8 @@ def run(config: Config) -> Runner:
     from vespo_megatron.metrics import MetricsLogger, ProgressBar
 
     runner = build_runner(config)
+    if runner.split is not None and runner.split.role == "rollout":
+        return _run_rollout_worker(runner)
     ctx = runner.engine.ctx
     ckpt_cfg = config.checkpoint
     resume_from = checkpoint.latest_checkpoint(ckpt_cfg.dir) if ckpt_cfg.dir and ckpt_cfg.resume else None
@@ -253,6 +343,11 @@ def run(config: Config) -> Runner:
         logger.truncate_after(runner.step)
     progress = ProgressBar(config.train.steps, enabled=ctx.is_logging_rank and config.logging.progress_bar,
                            initial=runner.step)
+    trainer_group = runner.split.trainer_group if runner.split is not None else None
+    if runner.remote is not None:
+        _announce_start(runner, runner.remote.next_index + len(runner.remote.buffer))
+        runner.remote.start()
+        runner.stop_requested = lambda: preemption.should_stop(trainer_group)
     try:
         while runner.step < config.train.steps:
             metrics = run_step(runner)
@@ -262,9 +357,12 @@ def run(config: Config) -> Runner:
                 if runner.step % config.logging.log_every == 0:
                     logger.log(runner.step, metrics)
                 progress.update(runner.step, metrics)
-            stop = preemption.should_stop(None)
+            stop = runner.stopping if runner.remote is not None else preemption.should_stop(None)
             periodic = ckpt_cfg.save_every and runner.step % ckpt_cfg.save_every == 0
-            if ckpt_cfg.dir and (periodic or stop or runner.step == config.train.steps):
+            saving = ckpt_cfg.dir and (periodic or stop or runner.step == config.train.steps)
+            if runner.remote is not None and (saving or stop or runner.step == config.train.steps):
+                runner.remote.drain()  # the steps the workers sampled ahead go into the checkpoint
+            if saving:
                 checkpoint.save_checkpoint(runner.engine, ckpt_cfg.dir, runner.step, loop_state(runner))
             if stop:
                 break

@@ -50,22 +50,38 @@ def score(task, tokenizer, generated, samples) -> torch.Tensor:
     return torch.tensor(task.rewards(texts, samples), dtype=torch.float32)
 
 
+def rollout_generator(cfg, step: int, dp_rank: int) -> torch.Generator:
+    """The sampling generator of RL step ``step`` for the trainer's data-parallel rank ``dp_rank``.
+
+    Rollout workers seed with the same function, so a disaggregated run samples what a colocated one would.
+    """
+    return torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + dp_rank)
+
+
+def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: torch.Generator):
+    """``group_size`` responses per prompt with ``engine``'s current weights, and their rewards.
+
+    The one call into the sampler for RL steps (colocated ranks and rollout workers alike).
+    """
+    group = cfg.rollout.group_size
+    samples = [s for s in prompts for _ in range(group)]
+    encoded = [[tokenizer.bos_id] + tokenizer.encode(s.prompt) for s in samples]
+    stop = tuple(tuple(tokenizer.encode(text)) for text in cfg.rollout.stop)
+    generated = sample(
+        engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id, generator=generator, vocab_size=tokenizer.vocab_size,
+        stop_sequences=stop, record_routing=cfg.rollout.routing_replay,
+    )
+    return generated, score(task, tokenizer, generated, samples)
+
+
 def sample_rollout(runner, step: int, prompts: list, version: int) -> Rollout:
     """Sample ``group_size`` responses per prompt with the current weights and score them."""
     cfg, ctx = runner.config, runner.engine.ctx
-    group = cfg.rollout.group_size
-    samples = [s for s in prompts for _ in range(group)]
-    encoded = [[runner.tokenizer.bos_id] + runner.tokenizer.encode(s.prompt) for s in samples]
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + ctx.dp_rank)
-    stop = tuple(tuple(runner.tokenizer.encode(text)) for text in cfg.rollout.stop)
-    generated = sample(
-        runner.engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=runner.tokenizer.eos_id,
-        pad_id=runner.tokenizer.pad_id, generator=generator, vocab_size=runner.tokenizer.vocab_size,
-        stop_sequences=stop, record_routing=cfg.rollout.routing_replay,
-    )
-    rewards = score(runner.task, runner.tokenizer, generated, samples)
-    return _finish_rollout(runner, generated.sequences, generated.prompt_lengths, generated.response_lengths,
-                           generated.sampler_logprobs, rewards, version, routing_indices=generated.routing_indices)
+    generated, rewards = sample_and_score(runner.engine, cfg, runner.tokenizer, runner.task, prompts,
+                                          rollout_generator(cfg, step, ctx.dp_rank))
+    return finish_rollout(runner, generated.sequences, generated.prompt_lengths, generated.response_lengths,
+                          generated.sampler_logprobs, rewards, version, routing_indices=generated.routing_indices)
 
 
 def read_external_rollout(runner, version: int) -> Rollout:
@@ -75,12 +91,13 @@ def read_external_rollout(runner, version: int) -> Rollout:
     batch = runner.external.next_groups(groups)
     per_rank = groups // ctx.dp * cfg.rollout.group_size
     rows = torch.arange(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
-    return _finish_rollout(runner, batch.sequences[rows], batch.prompt_lengths[rows], batch.response_lengths[rows],
+    return finish_rollout(runner, batch.sequences[rows], batch.prompt_lengths[rows], batch.response_lengths[rows],
                            batch.sampler_logprobs[rows], batch.rewards[rows], version)
 
 
-def _finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_logprobs, rewards, version,
-                    routing_indices=None):
+def finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_logprobs, rewards, version,
+                   routing_indices=None):
+    """Advantages and behaviour log-probs of sampled (or received) sequences: a trainable :class:`Rollout`."""
     cfg = runner.config
     group = cfg.rollout.group_size
     grouped = rewards.view(-1, group)
@@ -113,10 +130,19 @@ def _unshard_cp(values: torch.Tensor, ctx) -> torch.Tensor:
 
 
 def compute_old_logprobs(runner, rollout: Rollout) -> None:
-    """Old-policy log-probs with the current (sampling) weights, broadcast to every pipeline stage."""
+    """Behaviour log-probs (log mu) per ``loss.behaviour``, on every pipeline stage.
+
+    ``recompute``: a forward pass of the trainer's current weights (the sampling weights when the rollout
+    is fresh). ``sampler``: the sampler's own per-token log-probs, no forward pass.
+    """
     cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
     rows = torch.arange(rollout.size)
     micro = micro_batches(rollout, rows, cfg.train.micro_batch_size, ctx)
+    if cfg.loss.behaviour == "sampler":
+        use_sampler_logprobs(rollout, token_level=cfg.loss.name != "vespo")
+        if engine.reference_chunks is not None:
+            rollout.ref_logprob_sums = _reference_logprob_sums(runner, micro)
+        return
     temperature, chunk = cfg.rollout.temperature, cfg.loss.chunk_size
     token_level = cfg.loss.name != "vespo"
     head = (old_token_logprobs_head if token_level else old_logprob_sums_head)(ctx, temperature, chunk)
@@ -155,6 +181,14 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
         rollout.old_logprob_sums = values
     if engine.reference_chunks is not None:
         rollout.ref_logprob_sums = _reference_logprob_sums(runner, micro)
+
+
+def use_sampler_logprobs(rollout: Rollout, token_level: bool) -> None:
+    """Take the sampler's per-token log-probs as the behaviour policy (``loss.behaviour=sampler``)."""
+    mask = rollout.response_token_mask()
+    rollout.old_logprob_sums = (rollout.sampler_logprobs * mask).sum(dim=1)
+    if token_level:
+        rollout.old_token_logprobs = (rollout.sampler_logprobs * mask)[:, 1:].contiguous()
 
 
 def _reference_logprob_sums(runner, micro) -> torch.Tensor:

@@ -59,6 +59,11 @@ class ParallelContext:
     """The ranks that share a sequence: the VESPO [B] all-reduce runs over this group."""
     pp_group: Optional[dist.ProcessGroup]
     model_parallel_group: Optional[dist.ProcessGroup]
+    etp_rank: int = 0
+    etp_group: Optional[dist.ProcessGroup] = None
+    expert_dp_rank: int = 0
+    global_ranks: tuple = ()
+    """Global ranks of this side of the job (all ranks when colocated; trainers or workers otherwise)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -95,13 +100,19 @@ def init_process_group_from_env(timeout_minutes: int = 30) -> None:
     dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
 
 
-def initialize_model_parallel(par: ParallelConfig) -> None:
-    """Build Megatron's process groups for ``par`` (torch.distributed must already be initialised)."""
+def initialize_model_parallel(par: ParallelConfig, rank_offset: int = 0, ranks: Optional[int] = None) -> None:
+    """Build Megatron's process groups for ``par`` (torch.distributed must already be initialised).
+
+    ``rank_offset``/``ranks`` lay the grid over global ranks ``rank_offset .. rank_offset + ranks - 1``
+    only (disaggregated mode); every rank of the job must call it, members or not.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
+        rank_offset=rank_offset,
+        local_world_size=ranks,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp,
@@ -126,13 +137,15 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_context(par: ParallelConfig, device: torch.device) -> ParallelContext:
+def build_context(par: ParallelConfig, device: torch.device, global_ranks: Optional[tuple] = None
+                  ) -> ParallelContext:
     from megatron.core import parallel_state as ps
 
+    global_ranks = tuple(range(dist.get_world_size())) if global_ranks is None else global_ranks
     return ParallelContext(
         device=device,
-        world_size=dist.get_world_size(),
-        rank=dist.get_rank(),
+        world_size=len(global_ranks),
+        rank=global_ranks.index(dist.get_rank()),
         tp=par.tp,
         tp_rank=ps.get_tensor_model_parallel_rank(),
         sequence_parallel=par.sequence_parallel,
@@ -153,6 +166,10 @@ def build_context(par: ParallelConfig, device: torch.device) -> ParallelContext:
         tp_cp_group=ps.get_tensor_and_context_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         model_parallel_group=ps.get_model_parallel_group(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        global_ranks=global_ranks,
     )
 
 
@@ -171,6 +188,95 @@ def initialize(config: Config, seed: Optional[int] = None) -> ParallelContext:
     initialize_model_parallel(config.parallel)
     seed_everything(config.train.seed if seed is None else seed)
     return build_context(config.parallel, device)
+
+
+@dataclass(frozen=True)
+class JobSplit:
+    """Disaggregated mode: which global ranks train, which generate, and the groups that join them."""
+
+    role: str
+    """'trainer' or 'rollout' for this rank."""
+    trainer_ranks: tuple
+    rollout_ranks: tuple
+    control_group: dist.ProcessGroup
+    """All ranks, gloo: rollouts and control messages (CPU tensors)."""
+    weights_group: dist.ProcessGroup
+    """All ranks, the device's backend (nccl on GPU, gloo on CPU): weight sync."""
+    trainer_group: dist.ProcessGroup
+    """The trainer ranks (preemption flag, barriers of the trainer alone)."""
+    timeout_s: float
+
+
+def rollout_parallel_config(config: Config) -> ParallelConfig:
+    """The rollout workers' layout: ``rollout.parallel.tp``, no PP/CP, experts unsplit."""
+    tp = config.rollout.parallel.tp
+    return ParallelConfig(tp=tp, sequence_parallel=tp > 1 and config.model.is_moe)
+
+
+def _parallel_state_globals() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {name: (dict(value) if isinstance(value, dict) else value) for name, value in vars(ps).items()
+            if (name.startswith("_") and name[1:2].isupper() and name.upper() == name)
+            or name == "_global_process_group_list"}
+
+
+def _set_parallel_state_globals(values: dict) -> None:
+    from megatron.core import parallel_state as ps
+
+    for name, value in values.items():
+        setattr(ps, name, value)
+
+
+def initialize_disaggregated(config: Config, seed: Optional[int] = None) -> tuple[ParallelContext, JobSplit]:
+    """Split the job: the first ``world - parallel.rollout_ranks`` ranks train, the rest generate.
+
+    Megatron's ``parallel_state`` is one set of module globals per process, and its
+    ``initialize_model_parallel`` creates groups with ``new_group``, which every rank of the job must
+    enter. So every rank builds both grids in the same order: the trainer grid over the first ranks
+    (``rank_offset=0``), then the rollout grid over the last ones. Between the two, the module's
+    globals are put back to their pristine values, and a trainer restores its own grid at the end;
+    each process is left with exactly one Megatron state: its side's.
+    """
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    validate(config, world_size)
+    init_process_group_from_env()
+    world_size = dist.get_world_size()
+    device, backend = device_and_backend()
+    if cpu_compat_needed():
+        apply_cpu_compat()
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    trainers = world_size - config.parallel.rollout_ranks
+    pristine = _parallel_state_globals()
+    initialize_model_parallel(config.parallel, rank_offset=0, ranks=trainers)
+    trainer_state = _parallel_state_globals()
+    _set_parallel_state_globals(pristine)
+    initialize_model_parallel(rollout_parallel_config(config), rank_offset=trainers, ranks=world_size - trainers)
+    role = "trainer" if dist.get_rank() < trainers else "rollout"
+    if role == "trainer":
+        _set_parallel_state_globals(trainer_state)
+    timeout = timedelta(seconds=config.rl.worker_timeout_s)
+    everyone = list(range(world_size))
+    control = dist.new_group(everyone, timeout=timeout, backend="gloo")
+    weights = control if backend == "gloo" else dist.new_group(everyone, timeout=timeout, backend=backend)
+    trainer_group = dist.new_group(list(range(trainers)), backend=backend)
+    if dist.get_rank() < trainers:
+        # The trainer's world: Megatron's optimizer set-up and dist-checkpointing run collectives on the
+        # default group, which must not wait for the workers. Trainers are ranks 0..T-1, so their ranks in
+        # this group equal their global ranks and point-to-point addressing is unchanged.
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d._update_default_pg(trainer_group)
+    seed_everything(config.train.seed if seed is None else seed)
+    trainer_ranks, rollout_ranks = tuple(range(trainers)), tuple(range(trainers, world_size))
+    par = config.parallel if role == "trainer" else rollout_parallel_config(config)
+    ctx = build_context(par, device, trainer_ranks if role == "trainer" else rollout_ranks)
+    split = JobSplit(role=role, trainer_ranks=trainer_ranks, rollout_ranks=rollout_ranks, control_group=control,
+                     weights_group=weights, trainer_group=trainer_group, timeout_s=config.rl.worker_timeout_s)
+    return ctx, split
 
 
 def shutdown() -> None:

@@ -1,0 +1,195 @@
+"""Disaggregated (truly asynchronous) RL end to end: rollout workers and trainers in one gloo job.
+
+What is checked:
+1. with a sync after every update and no lookahead, a 1-trainer + 1-worker job reproduces the
+   colocated single-process run bit for bit (every metric, the final weights);
+2. with rl.max_staleness=2 and workers running further ahead than the bound allows, rollouts are
+   dropped and counted, and every trained sequence is at most 2 versions old (some are older than 0);
+3. a rollout worker killed with SIGKILL, or one that stops answering, makes the trainer fail within
+   rl.worker_timeout_s with an error naming the worker's rank, and the job resumes from the last checkpoint;
+4. SIGUSR1 on the trainer checkpoints the steps the workers had sampled ahead (with their versions), and the
+   resumed run logs the same metrics as an uninterrupted one;
+5. loss.behaviour=sampler takes mu from the sampler's log-probs (here an external JSONL file).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from tests.e2e.rl_fixtures import deterministic_records, load, overrides
+from vespo_megatron.runtime.local_workers import WorkerError, run_local_workers
+
+pytestmark = pytest.mark.slow
+
+SPLIT = ["parallel.rollout_ranks=1", "rl.worker_timeout_s=60"]
+STALE_KEYS = ("sync/",)
+
+
+def _run_and_weights(rank, world_size, overrides_):
+    """Run the RL loop; a trainer rank returns its history and its final weights (CPU copies)."""
+    from vespo_megatron.models.gpt import unwrap
+    from vespo_megatron.rl.loop import run
+
+    runner = run(load(overrides_))
+    if runner.split is not None and runner.split.role == "rollout":
+        return {"role": "rollout", "step": runner.step}
+    weights = {}
+    for index, chunk in enumerate(runner.engine.chunks):
+        for name, value in unwrap(chunk).state_dict().items():
+            if torch.is_tensor(value):
+                weights[f"{index}.{name}"] = value.detach().clone()
+    return {"role": "trainer", "history": runner.history, "step": runner.step, "weights": weights}
+
+
+def _records(run_dir):
+    return [{k: v for k, v in r.items() if not k.startswith(STALE_KEYS)} for r in deterministic_records(run_dir)]
+
+
+def test_disaggregated_staleness_zero_reproduces_colocated(tmp_path):
+    common = ["train.steps=3", "rl.max_staleness=0", "rl.num_minibatches=2", "train.micro_batch_size=2"]
+    colocated = run_local_workers(_run_and_weights, 1, overrides(tmp_path / "colocated", *common),
+                                  timeout_s=600)[0]
+    split = run_local_workers(_run_and_weights, 2, overrides(tmp_path / "split", *common, *SPLIT, "rl.sync_every=1"),
+                              timeout_s=600)
+    trainer, worker = split
+    assert worker["role"] == "rollout" and trainer["role"] == "trainer"
+    reference = _records(tmp_path / "colocated" / "run")
+    assert len(reference) == 3
+    assert _records(tmp_path / "split" / "run") == reference
+    assert trainer["weights"].keys() == colocated["weights"].keys()
+    for name, value in colocated["weights"].items():
+        assert torch.equal(trainer["weights"][name], value), name
+
+
+def test_bounded_staleness_drops_and_counts(tmp_path):
+    # Workers 3 steps ahead with one update per step reach staleness 3 > K=2 every fourth step.
+    extra = ["train.steps=5", "rl.max_staleness=2", "rl.lookahead=3", *SPLIT]
+    run_local_workers(_run_and_weights, 2, overrides(tmp_path, *extra), timeout_s=600)
+    records = deterministic_records(tmp_path / "run")
+    assert len(records) == 5
+    histogram: dict[int, float] = {}
+    for record in records:
+        assert not any(k.startswith("staleness/hist_3") for k in record), record
+        for lag in range(3):
+            histogram[lag] = histogram.get(lag, 0.0) + record[f"staleness/hist_{lag}"]
+        assert record["staleness/max"] <= 2
+    assert histogram[1] + histogram[2] > 0, histogram
+    assert sum(histogram.values()) == 5 * 16  # every trained sequence counted once
+    assert records[-1]["staleness/dropped_rollouts_total"] >= 1
+    assert sum(r["staleness/dropped_rollouts"] for r in records) == records[-1]["staleness/dropped_rollouts_total"]
+
+
+def _killed_worker(rank, world_size, overrides_, kill_at_step):
+    """The RL loop, except that the rollout worker SIGKILLs itself when it reaches ``kill_at_step``."""
+    from vespo_megatron.rl import workers
+
+    original = workers.RolloutWorker._generate
+
+    def generate(self, step):
+        if step == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, step)
+
+    workers.RolloutWorker._generate = generate
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def _hung_worker(rank, world_size, overrides_, hang_at_step):
+    """The RL loop, except that the rollout worker stops answering (sleeps) when it reaches ``hang_at_step``."""
+    from vespo_megatron.rl import workers
+
+    original = workers.RolloutWorker._generate
+
+    def generate(self, step):
+        if step == hang_at_step:
+            time.sleep(3600)
+        return original(self, step)
+
+    workers.RolloutWorker._generate = generate
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def test_hung_worker_fails_at_the_timeout_naming_it(tmp_path):
+    extra = ["train.steps=6", "parallel.rollout_ranks=1", "rl.worker_timeout_s=8"]
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        run_local_workers(_hung_worker, 2, overrides(tmp_path, *extra), 2, timeout_s=300)
+    elapsed = time.monotonic() - started
+    message = str(failure.value)
+    assert "rollout worker rank 1" in message and "rl.worker_timeout_s=8" in message, message[-2000:]
+    assert elapsed < 8 + 60, elapsed
+
+
+def test_killed_worker_fails_fast_naming_it_then_resume_continues(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    extra = ["train.steps=6", "checkpoint.save_every=2", f"checkpoint.dir={ckpt}", "rl.max_staleness=1",
+             "parallel.rollout_ranks=1", "rl.worker_timeout_s=20"]
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as failure:
+        run_local_workers(_killed_worker, 2, overrides(tmp_path, *extra), 4, timeout_s=300)
+    elapsed = time.monotonic() - started
+    assert "rollout worker rank 1" in str(failure.value), str(failure.value)[-2000:]
+    assert elapsed < 20 + 60, elapsed  # start-up, a few steps, then at most the timeout
+    assert (ckpt / "latest").read_text().strip() == "2"
+    resumed = run_local_workers(_run_and_weights, 2, overrides(tmp_path, *extra), timeout_s=600)[0]
+    assert resumed["step"] == 6
+    steps = [r["step"] for r in deterministic_records(tmp_path / "run")]
+    assert steps == list(range(1, 7))
+
+
+def _signalled_trainer(rank, world_size, overrides_, signal_at_step):
+    """The RL loop, except that the trainer sends itself SIGUSR1 during step ``signal_at_step`` (1-based)."""
+    from vespo_megatron.rl import loop
+
+    original = loop.run_step
+
+    def run_step(runner):
+        if runner.split.role == "trainer" and runner.step + 1 == signal_at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(runner)
+
+    loop.run_step = run_step
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def test_sigusr1_checkpoints_the_sampled_ahead_steps_and_resume_reproduces(tmp_path):
+    from vespo_megatron.checkpoint import load_weights_only
+
+    common = ["train.steps=4", "rl.max_staleness=1", *SPLIT]
+    whole = tmp_path / "whole"
+    run_local_workers(_run_and_weights, 2, overrides(whole, *common), timeout_s=600)
+    parts = tmp_path / "parts"
+    part_overrides = overrides(parts, *common, f"checkpoint.dir={parts / 'ckpt'}")
+    stopped = run_local_workers(_signalled_trainer, 2, part_overrides, 2, timeout_s=600)[0]
+    assert stopped["step"] == 2
+    saved = load_weights_only(parts / "ckpt" / "step_00000002" / "ranks" / "rank_00000.pt")["extra_state"]
+    assert saved["remote"]["next_index"] == 2
+    assert [f["index"] for f in saved["remote"]["buffer"]] == [2]  # lookahead 1: step 2 was already sampled
+    assert saved["remote"]["buffer"][0]["version"] == 1
+    run_local_workers(_run_and_weights, 2, part_overrides, timeout_s=600)
+    assert _records(parts / "run") == _records(whole / "run")
+
+
+def test_sampler_behaviour_takes_mu_from_external_rollouts(tmp_path):
+    """External JSONL rollouts with made-up sampler log-probs (-0.5 per token, far from the untrained model's
+    about -log V). With ``recompute`` and one mini-batch, mu is the current policy and log W is 0; with
+    ``sampler``, mu is the file's log-probs: log W = S - sum(-0.5) is large, and a TIS correction has nothing
+    left to correct (the same run as without it)."""
+    from tests.e2e.rl_fixtures import run_workers
+    from tests.e2e.test_rl_loop import _synthetic_rollouts
+
+    path = _synthetic_rollouts(tmp_path / "rollouts.jsonl", sampler_logprob=-0.5)
+    common = ["rollout.source=jsonl", f"rollout.jsonl_path={path}", "train.steps=2"]
+    runs = {}
+    for name, extra in {"recompute": ["loss.behaviour=recompute"], "sampler": ["loss.behaviour=sampler"],
+                        "sampler_tis": ["loss.behaviour=sampler", "loss.correction.mode=tis"]}.items():
+        run_workers(1, overrides(tmp_path, *common, *extra, f"logging.run_dir={tmp_path / name}"))
+        runs[name] = deterministic_records(tmp_path / name)
+    assert all(r["vespo/abs_log_w_mean"] < 1e-5 for r in runs["recompute"])
+    assert all(r["vespo/abs_log_w_mean"] > 1.0 for r in runs["sampler"])
+    assert runs["sampler_tis"] == runs["sampler"]

@@ -1,0 +1,96 @@
+"""``bench async``: wall time per optimizer update and tokens/s, colocated vs disaggregated, one run.
+
+Both modes run the real RL loop (:func:`vespo_megatron.rl.loop.run`) on the same number of local
+gloo processes (``--procs``), from the same config and overrides:
+
+* colocated: the config's layout over all processes (every rank samples its share, then trains), or
+  over ``--colocated-procs`` of them;
+* disaggregated: ``parallel.rollout_ranks=--rollout-ranks`` of them sample continuously while the others
+  train (``--split`` adds overrides for this run only, e.g. the trainer's smaller layout).
+
+Figures come from the trainer's metrics.jsonl after ``--warmup`` untimed steps: seconds per optimizer
+update = mean ``time/step`` / ``rl.num_minibatches``; tokens/s = sampled response tokens / summed step
+time; the disaggregated run also reports its mean staleness and weight-sync seconds. docs/benchmarks.md
+lists the figures with their commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from vespo_megatron.config import load_config
+from vespo_megatron.runtime.local_workers import run_local_workers
+
+
+def _run(rank, world_size, config_path, overrides):
+    from vespo_megatron.rl.loop import run
+
+    run(load_config(config_path, overrides))
+
+
+def _figures(run_dir: Path, warmup: int, num_minibatches: int) -> dict[str, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = records[warmup:]
+    if not timed:
+        raise ValueError(f"no timed steps in {run_dir}: raise --steps above --warmup={warmup}")
+    seconds = [r["time/step"] for r in timed]
+    figures = {
+        "steps_timed": len(timed),
+        "seconds_per_update": statistics.mean(seconds) / num_minibatches,
+        "seconds_per_step_median": statistics.median(seconds),
+        "tokens_per_s": sum(r["response/tokens"] for r in timed) / sum(seconds),
+        "rollout_wait_s": statistics.mean(r["time/rollout"] for r in timed),
+        "train_s": statistics.mean(r["time/train"] + r["time/optimizer"] for r in timed),
+    }
+    if "time/sync" in timed[0]:
+        figures["sync_s"] = statistics.mean(r["time/sync"] for r in timed)
+        figures["staleness_mean"] = statistics.mean(r.get("staleness/mean", 0.0) for r in timed)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vespo-megatron bench async", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="YAML config of the run")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides for both modes")
+    parser.add_argument("--procs", type=int, default=2, help="local processes of each run (default 2)")
+    parser.add_argument("--colocated-procs", type=int, default=None,
+                        help="processes of the colocated run (default: --procs, the like-for-like comparison)")
+    parser.add_argument("--rollout-ranks", type=int, default=1, help="rollout workers in the disaggregated run")
+    parser.add_argument("--split", action="append", default=[],
+                        help="an override for the disaggregated run only (repeatable), e.g. parallel.tp=1")
+    parser.add_argument("--steps", type=int, default=8, help="RL steps per run (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="vespo-bench-async-") as tmp:
+        common = [*args.overrides, f"train.steps={args.steps}", "checkpoint.dir=null", "logging.tensorboard=false",
+                  "logging.progress_bar=false", "rl.eval_prompts=0"]
+        runs = {
+            "colocated": common + [f"logging.run_dir={tmp}/colocated"],
+            "disaggregated": common + [f"parallel.rollout_ranks={args.rollout_ranks}", *args.split,
+                                       f"logging.run_dir={tmp}/disaggregated"],
+        }
+        procs = {"colocated": args.colocated_procs or args.procs, "disaggregated": args.procs}
+        result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup}
+        for mode, overrides in runs.items():
+            config = load_config(args.config, overrides)
+            run_local_workers(_run, procs[mode], args.config, overrides, timeout_s=3600)
+            figures = _figures(Path(tmp) / mode, args.warmup, config.rl.num_minibatches)
+            figures["overrides"] = overrides[len(common):-1]
+            result[mode] = figures
+    result["speedup"] = result["colocated"]["seconds_per_update"] / result["disaggregated"]["seconds_per_update"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for mode in ("colocated", "disaggregated"):
+            f = result[mode]
+            print(f"{mode:14s} {f['seconds_per_update']:.3f} s/update  {f['tokens_per_s']:.1f} tokens/s  "
+                  f"(rollout wait {f['rollout_wait_s']:.3f} s, train {f['train_s']:.3f} s)")
+        print(f"speedup {result['speedup']:.2f}x (colocated on {procs['colocated']}, disaggregated on "
+              f"{procs['disaggregated']} processes)")
+    return 0

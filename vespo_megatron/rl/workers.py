@@ -1,0 +1,276 @@
+"""Disaggregated RL: rollout workers generate while the trainer trains; weights flow back every few updates.
+
+One torchrun/SLURM job; the last ``parallel.rollout_ranks`` ranks are rollout workers with the
+``rollout.parallel`` layout, grouped in replicas of ``tp`` ranks; RL step ``i`` is sampled by replica
+``i mod replicas``. Two message streams join the sides (``runtime.distributed.JobSplit``):
+
+* worker -> trainer: step ``i``'s sequences, one share per trainer data-parallel rank, with the
+  sampler's per-token log-probs, rewards and the policy version that sampled them;
+* trainer -> workers: after each step ``j`` the trainer's rank 0 sends a header ``(j, version, sync,
+  stop)``; with ``sync`` set every trainer source rank then pushes its weight shards
+  (:mod:`vespo_megatron.rl.weight_sync`).
+
+A worker reads headers only when it must: before generating step ``i`` it takes in every header up to
+``i - 1 - lookahead``. Which weights sample which step is therefore fixed by the headers' order alone,
+not by timing: a run is reproducible, and with ``lookahead = 0`` and a sync after every step the
+worker samples exactly what the colocated loop samples (same weights, same per-step generator seeds,
+one generation call per trainer data-parallel share). Every wait has ``rl.worker_timeout_s``; a dead
+or silent peer becomes an error naming its rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from vespo_megatron.rl.batch import Rollout
+from vespo_megatron.rl.staleness import default_lookahead
+from vespo_megatron.rl.weight_sync import TrainerSync, WorkerFailure, WorkerSync, _wait, exchange_manifests, post
+
+HEADER_TAG = 42
+ROLLOUT_TAG = 43
+_HEADER_FIELDS = 4  # index, version, sync, stop
+
+
+def lookahead(config) -> int:
+    rl = config.rl
+    if rl.lookahead is not None:
+        return rl.lookahead
+    return default_lookahead(rl.max_staleness, rl.num_minibatches, rl.sync_every)
+
+
+def sequences_per_share(config, trainer_dp: int) -> int:
+    return config.rollout.prompts_per_step // trainer_dp * config.rollout.group_size
+
+
+def _pack(generated, rewards, version: int, index: int) -> torch.Tensor:
+    """One float64 message: sequences, sampler log-probs, prompt/response lengths, rewards, version, index."""
+    n = generated.sequences.shape[0]
+    tail = torch.stack([generated.prompt_lengths.double(), generated.response_lengths.double(), rewards.double(),
+                        torch.full((n,), float(version), dtype=torch.float64),
+                        torch.full((n,), float(index), dtype=torch.float64)], dim=1)
+    return torch.cat([generated.sequences.double(), generated.sampler_logprobs.double(), tail], dim=1)
+
+
+def _unpack(message: torch.Tensor, width: int) -> dict:
+    return {"sequences": message[:, :width].long(), "sampler_logprobs": message[:, width : 2 * width].float(),
+            "prompt_lengths": message[:, 2 * width].long(), "response_lengths": message[:, 2 * width + 1].long(),
+            "rewards": message[:, 2 * width + 2].float(), "version": int(message[0, 2 * width + 3]),
+            "index": int(message[0, 2 * width + 4])}
+
+
+def replicas(config) -> int:
+    return config.parallel.rollout_ranks // config.rollout.parallel.tp
+
+
+def replica_leader(split, config, step: int) -> int:
+    """Global rank of the worker that sends step ``step`` (tensor-parallel rank 0 of its replica)."""
+    tp = config.rollout.parallel.tp
+    return split.rollout_ranks[(step % replicas(config)) * tp]
+
+
+# ----------------------------------------------------------------------------------------- worker
+
+
+def worker_config(config, padded_vocab_size: int):
+    """The config a rollout worker builds its model from: its layout, the trainer's padded vocabulary."""
+    from vespo_megatron.runtime.distributed import rollout_parallel_config
+
+    tp = config.rollout.parallel.tp
+    if padded_vocab_size % tp:
+        raise ValueError(f"the trainer's padded vocabulary of {padded_vocab_size} rows is not divisible by "
+                         f"rollout.parallel.tp={tp}; use a rollout tp that divides it")
+    return replace(config, parallel=rollout_parallel_config(config),
+                   model=replace(config.model, make_vocab_size_divisible_by=padded_vocab_size // tp))
+
+
+class RolloutWorker:
+    """One rollout rank: follows the trainer's headers, syncs weights, samples and sends its steps."""
+
+    def __init__(self, config, ctx, split, tokenizer, task, trainer_dp: int, start_step: int = 0):
+        from vespo_megatron.models.gpt import build_model
+        from vespo_megatron.train.engine import Engine
+
+        trainer_vocab = config.model.padded_vocab_size(config.model.vocab_size or tokenizer.vocab_size,
+                                                       config.parallel.tp)
+        self.config = config
+        self.local_config = worker_config(config, trainer_vocab)
+        built = build_model(self.local_config, tokenizer.vocab_size)
+        for chunk in built.chunks:
+            chunk.eval()
+        self.engine = Engine(config=self.local_config, ctx=ctx, built=built, chunks=built.chunks,
+                             optimizer=None, scheduler=None)
+        self.ctx, self.split, self.tokenizer, self.task = ctx, split, tokenizer, task
+        self.trainer_dp = trainer_dp
+        self.prompts = task.prompts()
+        self.step = 0
+        self.lookahead = lookahead(config)
+        self.fast_forward(start_step)
+        self.version = -1
+        manifests, self.trainer_shares = exchange_manifests(split, None)
+        self.sync = WorkerSync(built.chunks, ctx, split, config.model.num_experts, config.model.swiglu, manifests)
+
+    def fast_forward(self, step: int) -> None:
+        """Start at RL step ``step`` (a resumed run): skip earlier prompts, expect the header of ``step - 1 - L``."""
+        for _ in range(self.step, step):
+            self.prompts.next_batch(self.config.rollout.prompts_per_step)
+        self.step = step
+        self.last_header = step - 2 - self.lookahead
+
+    def _next_header(self) -> tuple[int, int, bool, bool]:
+        header = torch.zeros(_HEADER_FIELDS, dtype=torch.int64)
+        source = self.split.trainer_ranks[0]
+        what = f"rollout worker rank {dist.get_rank()} waiting for trainer rank {source}"
+        _wait(post(dist.irecv, header, source, self.split.control_group, HEADER_TAG, what), self.split.timeout_s, what)
+        index, version, sync, stop = (int(v) for v in header.tolist())
+        if sync:
+            self.sync.receive()
+            self.version = version
+        self.last_header = index
+        return index, version, bool(sync), bool(stop)
+
+    def _generate(self, step: int) -> list[torch.Tensor]:
+        from vespo_megatron.rl.step import rollout_generator, sample_and_score
+
+        batch = self.prompts.next_batch(self.config.rollout.prompts_per_step)
+        if step % replicas(self.config) != self.ctx.dp_rank:
+            return []
+        per_rank = self.config.rollout.prompts_per_step // self.trainer_dp
+        messages = []
+        for share in range(self.trainer_dp):
+            generated, rewards = sample_and_score(
+                self.engine, self.config, self.tokenizer, self.task, batch[share * per_rank : (share + 1) * per_rank],
+                rollout_generator(self.config, step, share))
+            messages.append(_pack(generated, rewards, self.version, step))
+        return messages
+
+    def _send(self, messages: list[torch.Tensor]) -> list:
+        if self.ctx.tp_rank != 0 or not messages:
+            return []
+        return [(dst, post(dist.isend, messages[share], dst, self.split.control_group, ROLLOUT_TAG,
+                           f"rollout to trainer rank {dst}"), messages)
+                for dst, share in zip(self.split.trainer_ranks, self.trainer_shares)]
+
+    def run(self) -> int:
+        """Generate until the trainer says stop; returns the number of steps this worker stepped through."""
+        pending: list = []
+        while True:
+            need = max(self.step - 1 - self.lookahead, -1)
+            while self.last_header < need:
+                _, _, _, stop = self._next_header()
+                if stop:
+                    self._finish(pending)
+                    return self.step
+            pending = [p for p in pending if not p[1].is_completed()]
+            pending += self._send(self._generate(self.step))
+            self.step += 1
+
+    def _finish(self, pending: list) -> None:
+        for dst, work, _ in pending:
+            _wait(work, self.split.timeout_s, f"rollout to trainer rank {dst}")
+
+
+# ---------------------------------------------------------------------------------------- trainer
+
+
+class RemoteRollouts:
+    """Trainer side: receives the workers' steps in order, sends headers, pushes weights."""
+
+    def __init__(self, runner, split):
+        self.runner, self.split, self.config = runner, split, runner.config
+        engine = runner.engine
+        self.weights = TrainerSync(engine.chunks, engine.ctx, split, self.config.model.num_experts,
+                                   self.config.model.swiglu, self.config.rl.sync_bucket_mb)
+        manifests, _ = exchange_manifests(split, self.weights, engine.ctx.dp_rank)
+        element = next(engine.chunks[0].parameters()).element_size()
+        self.bytes_per_sync = float(sum(sum(_numel(spec.shape) for spec in bucket) * element
+                                        for plan in manifests.values() for bucket in plan)) * len(split.rollout_ranks)
+        self.next_index = 0
+        self.buffer: list[dict] = []
+        self.pending_headers: list = []
+        self.synced_version: Optional[int] = None
+        self.last_sync: dict[str, float] = {}
+
+    @property
+    def width(self) -> int:
+        return self.config.seq_length + 1
+
+    def _header(self, index: int, sync: bool, stop: bool) -> None:
+        if dist.get_rank() != self.split.trainer_ranks[0]:
+            return
+        header = torch.tensor([index, self.runner.engine.iteration, int(sync), int(stop)], dtype=torch.int64)
+        self.pending_headers = [h for h in self.pending_headers if not h[1].is_completed()]
+        for dst in self.split.rollout_ranks:
+            self.pending_headers.append((dst, post(dist.isend, header, dst, self.split.control_group, HEADER_TAG,
+                                                   f"header to rollout worker rank {dst}"), header))
+
+    def step_done(self, index: int, stop: bool = False) -> dict[str, float]:
+        """Step ``index`` was trained or dropped: tell the workers, and push weights when due."""
+        version = self.runner.engine.iteration
+        due = self.synced_version is None or version // self.config.rl.sync_every > self.synced_version // self.config.rl.sync_every
+        sync = due and version != self.synced_version and not stop
+        self._header(index, sync, stop)
+        if not sync:
+            return {"sync/seconds": 0.0, "sync/bytes": 0.0}
+        metrics = self.weights.push()
+        metrics["sync/bytes"] = self.bytes_per_sync
+        self.synced_version = version
+        return metrics
+
+    def start(self) -> dict[str, float]:
+        """Give the workers the current weights (the header of step ``next_index - 1``)."""
+        self.synced_version = None
+        return self.step_done(self.next_index - 1)
+
+    def _receive(self, index: int) -> dict:
+        ctx = self.runner.engine.ctx
+        n = sequences_per_share(self.config, ctx.dp)
+        message = torch.empty(n, 2 * self.width + 5, dtype=torch.float64)
+        source = replica_leader(self.split, self.config, index)
+        what = f"receiving RL step {index} from rollout worker rank {source}"
+        _wait(post(dist.irecv, message, source, self.split.control_group, ROLLOUT_TAG, what), self.split.timeout_s, what)
+        fields = _unpack(message, self.width)
+        if fields["index"] != index:
+            raise WorkerFailure(f"rollout worker rank {source} sent RL step {fields['index']}, expected {index}")
+        return fields
+
+    def next_fields(self) -> dict:
+        """The next step's sequences (from the buffer kept over a resume, else from its worker)."""
+        index = self.next_index
+        self.next_index += 1
+        if self.buffer:
+            return self.buffer.pop(0)
+        return self._receive(index)
+
+    def drain(self) -> None:
+        """Receive the steps the workers sampled ahead (they are sent whatever happens) into the buffer."""
+        extra = lookahead(self.config)
+        self.buffer = [self._receive(i) for i in range(self.next_index + len(self.buffer), self.next_index + extra)]
+        for dst, work, _ in self.pending_headers:
+            _wait(work, self.split.timeout_s, f"header to rollout worker rank {dst}")
+        self.pending_headers = []
+
+    def state_dict(self) -> dict:
+        return {"next_index": self.next_index, "buffer": [dict(f) for f in self.buffer]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_index = int(state["next_index"])
+        self.buffer = list(state["buffer"])
+
+
+def _numel(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= int(size)
+    return total
+
+
+def to_rollout(runner, fields: dict) -> Rollout:
+    """A received share as a trainable rollout (advantages, behaviour log-probs per loss.behaviour)."""
+    from vespo_megatron.rl.step import finish_rollout
+
+    return finish_rollout(runner, fields["sequences"], fields["prompt_lengths"], fields["response_lengths"],
+                          fields["sampler_logprobs"], fields["rewards"], fields["version"])
