@@ -307,3 +307,153 @@ def export_hf(chunks, metadata_dir, out_dir, max_shard_bytes: int = DEFAULT_SHAR
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank == 0 else None
+
+
+# ------------------------------------------------------------------------- checkpoints <-> HF folders
+
+HF_SIDECAR = "hf_config"
+"""Folder in a checkpoint root holding the HF config and tokenizer files of the run (export needs them)."""
+RUN_CONFIG = "run_config.yaml"
+"""The run's config in a checkpoint root, so export-hf rebuilds the same model."""
+
+
+def write_checkpoint_sidecar(root, config) -> None:
+    """Rank 0 writes ``ROOT/hf_config/`` (HF metadata of ``model.hf_path``) and ``ROOT/run_config.yaml``."""
+    import torch.distributed as dist
+    import yaml
+
+    from vespo_megatron.config import config_to_dict
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    root = Path(root)
+    sidecar = root / HF_SIDECAR
+    source = require_hf_dir(config.model.hf_path)
+    if not (sidecar.exists() and sidecar.resolve() == source.resolve()):
+        copy_hf_metadata(source, sidecar)
+    (root / RUN_CONFIG).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def checkpoint_root_and_step(path) -> tuple[Path, Path]:
+    """``(root, step_dir)`` for a checkpoint root (its newest step) or one ``step_X`` folder."""
+    from vespo_megatron.checkpoint import STATE_FILE, latest_checkpoint
+
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        root, step = path.parent, path
+    else:
+        root, step = path, latest_checkpoint(path)
+        if step is None:
+            raise FileNotFoundError(f"{path} holds no complete checkpoint (no step_*/{STATE_FILE})")
+    for needed in (root / RUN_CONFIG, root / HF_SIDECAR / "config.json"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} does not exist; export-hf needs a checkpoint written by a run with "
+                                    "model.hf_path set (train or import-hf)")
+    return root, step
+
+
+def checkpoint_config(root, overrides: list[str]):
+    """The run config saved in ``root`` with ``model.hf_path`` at its sidecar, the layout reset to one
+    process, then ``overrides`` (e.g. ``parallel.tp=2`` when export-hf runs on several ranks)."""
+    import yaml
+
+    from vespo_megatron.config import config_from_dict
+    from vespo_megatron.config.loading import _merge, parse_overrides
+
+    data = yaml.safe_load((Path(root) / RUN_CONFIG).read_text())
+    data["model"]["hf_path"] = str(Path(root) / HF_SIDECAR)
+    data["parallel"] = {}
+    return config_from_dict(_merge(data, parse_overrides(overrides)))
+
+
+def export_checkpoint(engine, root, out_dir, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Optional[Path]:
+    """Export the engine's current weights as an HF folder using the metadata saved in checkpoint ``root``."""
+    return export_hf(engine.chunks, Path(root) / HF_SIDECAR, out_dir, max_shard_bytes)
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+
+
+def has_tokenizer(hf_path) -> bool:
+    """True when the folder holds tokenizer files transformers can load."""
+    return any((Path(hf_path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _stop_ids(path: Path, tokenizer) -> list[int]:
+    """eos ids from generation_config.json (a list or one id), else the config's, else the tokenizer's."""
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            if value is not None:
+                return [int(v) for v in (value if isinstance(value, list) else [value])]
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{path}: no eos_token_id in generation_config.json, config.json or the tokenizer; "
+                         "the rollout needs a stop token")
+    return [int(tokenizer.eos_token_id)]
+
+
+class HFTokenizer:
+    """A transformers tokenizer (local files only) with the interface of :class:`vespo_megatron.tokenizer.Tokenizer`.
+
+    ``eos_id`` is the first stop id and ``stop_ids`` all of them (generation_config.json may list several);
+    ``pad_id`` falls back to ``eos_id`` and ``bos_id`` is None when the model has no bos (Qwen).
+    ``encode_prompt`` renders the chat template when ``chat_template`` is set.
+    """
+
+    def __init__(self, path, chat_template: bool = False):
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        if not has_tokenizer(self.path):
+            raise FileNotFoundError(f"{self.path} has none of the tokenizer files {list(TOKENIZER_FILES)}")
+        self._tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.chat_template = chat_template
+        if chat_template and not self._tok.chat_template:
+            raise ValueError(f"task.chat_template=true but the tokenizer in {self.path} has no chat template "
+                             "(tokenizer_config.json / chat_template.jinja); set task.chat_template=false")
+        self.stop_ids = _stop_ids(self.path, self._tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def bos_id(self) -> Optional[int]:
+        return self._tok.bos_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.stop_ids[0]
+
+    @property
+    def pad_id(self) -> int:
+        return self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_id
+
+    @property
+    def unk_id(self) -> Optional[int]:
+        return self._tok.unk_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The chat template's user turn plus generation prompt, or bos (when there is one) then the text."""
+        if self.chat_template:
+            rendered = self._tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+            return self.encode(rendered)
+        return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}) of {self.path}")
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.convert_ids_to_tokens(int(token_id))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, stop_ids={self.stop_ids})"

@@ -44,8 +44,9 @@ def score(task, tokenizer, generated, samples) -> torch.Tensor:
     for row in range(generated.sequences.shape[0]):
         start = int(generated.prompt_lengths[row])
         ids = generated.sequences[row, start : start + int(generated.response_lengths[row])].tolist()
-        if tokenizer.eos_id in ids:
-            ids = ids[: ids.index(tokenizer.eos_id)]
+        stops = [ids.index(stop) for stop in tokenizer.stop_ids if stop in ids]
+        if stops:
+            ids = ids[: min(stops)]
         texts.append(tokenizer.decode(ids))
     return torch.tensor(task.rewards(texts, samples), dtype=torch.float32)
 
@@ -55,10 +56,10 @@ def sample_rollout(runner, step: int, prompts: list, version: int) -> Rollout:
     cfg, ctx = runner.config, runner.engine.ctx
     group = cfg.rollout.group_size
     samples = [s for s in prompts for _ in range(group)]
-    encoded = [[runner.tokenizer.bos_id] + runner.tokenizer.encode(s.prompt) for s in samples]
+    encoded = [runner.tokenizer.encode_prompt(s.prompt) for s in samples]
     generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + ctx.dp_rank)
     generated = generate(
-        runner.engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=runner.tokenizer.eos_id,
+        runner.engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=runner.tokenizer.stop_ids,
         pad_id=runner.tokenizer.pad_id, generator=generator, vocab_size=runner.tokenizer.vocab_size,
     )
     rewards = score(runner.task, runner.tokenizer, generated, samples)

@@ -94,7 +94,7 @@ def generate(
     settings: RolloutConfig,
     *,
     seq_length: int,
-    eos_id: int,
+    eos_id: int | list[int],
     pad_id: int,
     generator: torch.Generator,
     greedy: bool = False,
@@ -103,7 +103,8 @@ def generate(
     """Sample one response per prompt (repeat prompts for groups) with the engine's current weights.
 
     ``vocab_size`` (the tokenizer's) keeps the padding rows of Megatron's padded vocabulary from being
-    sampled; the recorded log-probs stay those of the full softmax the trainer evaluates.
+    sampled; the recorded log-probs stay those of the full softmax the trainer evaluates. ``eos_id`` may
+    be a list of stop ids (an HF model's generation_config lists several).
     """
     from vespo_megatron.train.batches import shard_micro_batch
 
@@ -161,7 +162,7 @@ def generate(
         sequences[rows, lengths[rows]] = next_tokens[rows]
         sampler_logprobs[rows, lengths[rows]] = next_logprobs[rows]
         lengths[rows] += 1
-        finished |= active & (next_tokens == eos_id)
+        finished |= active & torch.isin(next_tokens, torch.as_tensor(eos_id, device=next_tokens.device))
     return Generated(
         sequences=sequences,
         prompt_lengths=prompt_lengths,
