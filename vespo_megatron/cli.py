@@ -9,6 +9,8 @@ Commands:
   study staleness                        the staleness study (losses x N) on the synthetic task
   train-tokenizer --input ... --output ... --vocab-size N   train a sentencepiece model
   config-docs [--write]                  render docs/configs.md from the config dataclasses
+  import-hf HF_DIR CHECKPOINT_DIR [--config CONFIG] [overrides]   HF folder -> checkpoint that train resumes
+  export-hf CHECKPOINT_DIR OUT_DIR [overrides]   checkpoint (any layout) -> HF folder (docs/models.md)
 """
 
 from __future__ import annotations
@@ -83,6 +85,18 @@ def _config_docs(argv: list[str]) -> int:
     return main(argv)
 
 
+def _import_hf(argv: list[str]) -> int:
+    from vespo_megatron.hf_commands import import_main
+
+    return import_main(argv)
+
+
+def _export_hf(argv: list[str]) -> int:
+    from vespo_megatron.hf_commands import export_main
+
+    return export_main(argv)
+
+
 COMMANDS = {
     "train": _train,
     "demo": _demo,
@@ -92,6 +106,8 @@ COMMANDS = {
     "study": _study,
     "train-tokenizer": _train_tokenizer,
     "config-docs": _config_docs,
+    "import-hf": _import_hf,
+    "export-hf": _export_hf,
 }
 
 
