@@ -195,7 +195,7 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
     load_reference = engine.reference_chunks is not None and state.get("reference_saved", False)
     request = _sharded_state(engine, is_loading=True, with_optimizer=load_optimizer, with_reference=load_reference)
     request, local_objects = _split_sharded_objects(request)
-    loaded = dist_checkpointing.load(request, str(path / DIST_DIR), common_strategy=_weights_only_common_load())
+    loaded = dist_checkpointing.load(request, str(path / DIST_DIR))
     _merge_local_objects(loaded, local_objects)
 
     from vespo_megatron.models.gpt import unwrap
@@ -235,6 +235,9 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
 def _preflight(path: Path, rank_file: Path) -> dict:
     """Read everything this rank will unpickle before any collective load starts."""
     check_dcp_metadata(path / DIST_DIR / ".metadata")
+    legacy_common = path / DIST_DIR / "common.pt"
+    if legacy_common.exists():  # older Megatron wrote common state here; 0.19 reads it with a plain torch.load
+        load_weights_only(legacy_common)
     rank_state = load_weights_only(rank_file)
     if not isinstance(rank_state, dict) or set(rank_state) != {"rank", "layout", "rng", "extra_state"}:
         raise ValueError(f"{rank_file} is not a vespo_megatron rank state file")
@@ -269,17 +272,6 @@ def load_weights_only(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------- what is unpickled
-
-
-def _weights_only_common_load():
-    """Megatron's ``common.pt`` loader with ``weights_only=True`` stated, so no environment can turn it off."""
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
-
-    class WeightsOnlyCommonLoad(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir):
-            return load_weights_only(Path(checkpoint_dir) / COMMON_STATE_FNAME)
-
-    return WeightsOnlyCommonLoad()
 
 
 # What torch.distributed.checkpoint writes into ``.metadata`` (a pickle that torch reads with a plain

@@ -265,9 +265,9 @@ def _refuse_pickles(rank, world, root):
         (path / "dist" / ".metadata").write_bytes(pickle.dumps(_OpensAFile(marker)))
 
     def common(path, marker):
-        state = torch.load(path / "dist" / "common.pt", weights_only=True)
-        state["payload"] = _OpensAFile(marker)
-        torch.save(state, path / "dist" / "common.pt")
+        # A legacy-format common.pt beside the torch_dist files: Megatron prefers it over the common state
+        # stored inside the checkpoint and reads it with a plain torch.load.
+        torch.save({"payload": _OpensAFile(marker)}, path / "dist" / "common.pt")
 
     attempt("untouched", lambda path, marker: None)
     attempt("rank_file", rank_file)
