@@ -124,7 +124,11 @@ def bridge_for(hf_path, with_weights: bool = False):
     auto_bridge = _auto_bridge_class()
     path = require_hf_dir(hf_path)
     config = hf_config(path)
-    if not auto_bridge.supports(config):
+    try:
+        supported = auto_bridge.supports(config) and auto_bridge.from_hf_config(config) is not None
+    except (ValueError, NotImplementedError):
+        supported = False
+    if not supported:
         arch = getattr(config, "architectures", None)
         raise ConfigError(f"{path / 'config.json'}: architectures={arch} is not supported by Megatron-Bridge; "
                           "docs/models.md lists the families it converts")
