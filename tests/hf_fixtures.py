@@ -97,7 +97,7 @@ def _logits_head(ctx, vocab: int):
     """A loss head that reports the full-vocabulary logits ``[b, s, vocab]`` (gathered over TP)."""
     import torch.distributed as dist
 
-    def head(output, batch, model):  # noqa: ARG001 - LossHead signature
+    def head(output, batch, model):
         shard = output.detach().float().contiguous()
         if ctx.tp > 1:
             parts = [torch.empty_like(shard) for _ in range(ctx.tp)]
@@ -127,7 +127,7 @@ def megatron_logits(engine, tokens: torch.Tensor) -> torch.Tensor | None:
     return reports[0]["tok/logits"].view(shape)
 
 
-def logits_worker(rank, world, runs):  # noqa: ARG001 - run_local_workers signature
+def logits_worker(rank, world, runs):
     """For each ``(overrides, tokens)``: build the engine from the HF folder, return its logits (or None)."""
     from vespo_megatron.config import load_config
     from vespo_megatron.runtime.distributed import initialize

@@ -34,7 +34,12 @@ def import_hf(hf_dir, checkpoint_dir, config_path=None, overrides=()) -> Path:
 def export_hf(checkpoint_path, out_dir, overrides=(), max_shard_bytes=None):
     """Load a checkpoint (any saved layout, resharded to this launch's) and write it as an HF folder."""
     from vespo_megatron import checkpoint
-    from vespo_megatron.models.hf import DEFAULT_SHARD_BYTES, checkpoint_config, checkpoint_root_and_step, export_checkpoint
+    from vespo_megatron.models.hf import (
+        DEFAULT_SHARD_BYTES,
+        checkpoint_config,
+        checkpoint_root_and_step,
+        export_checkpoint,
+    )
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 

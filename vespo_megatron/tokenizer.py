@@ -111,13 +111,13 @@ def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
 def load_run_tokenizer(config):
     """The run's tokenizer: ``task.tokenizer`` (a sentencepiece file or an HF folder), else
     ``model.hf_path``'s tokenizer when that folder has one, else the shipped tiny model."""
-    from vespo_megatron.models import hf
+    from vespo_megatron.models.hf_tokenizer import HFTokenizer, has_tokenizer
 
     chosen = config.task.tokenizer
     if chosen is not None and Path(chosen).is_dir():
-        return hf.HFTokenizer(chosen, chat_template=config.task.chat_template)
-    if chosen is None and config.model.hf_path and hf.has_tokenizer(config.model.hf_path):
-        return hf.HFTokenizer(config.model.hf_path, chat_template=config.task.chat_template)
+        return HFTokenizer(chosen, chat_template=config.task.chat_template)
+    if chosen is None and config.model.hf_path and has_tokenizer(config.model.hf_path):
+        return HFTokenizer(config.model.hf_path, chat_template=config.task.chat_template)
     if config.task.chat_template:
         raise ValueError(f"task.chat_template=true needs a Hugging Face tokenizer, but the run uses the sentencepiece "
                          f"model {chosen or default_tokenizer_path()}; point task.tokenizer or model.hf_path at an "

@@ -56,13 +56,13 @@ def test_imported_logits_equal_transformers(tmp_path, world, family):
             assert err < 1e-5, f"{family} {layout or 'tp1'}: max |megatron - transformers| = {err}"
 
 
-def _import_worker(rank, world, hf_dir, ckpt, overrides):  # noqa: ARG001
+def _import_worker(rank, world, hf_dir, ckpt, overrides):
     from vespo_megatron.hf_commands import import_hf
 
     import_hf(hf_dir, ckpt, None, overrides)
 
 
-def _export_worker(rank, world, ckpt, out, shard_bytes):  # noqa: ARG001
+def _export_worker(rank, world, ckpt, out, shard_bytes):
     from vespo_megatron.hf_commands import export_hf
 
     export_hf(ckpt, out, [], max_shard_bytes=shard_bytes)
@@ -96,7 +96,7 @@ def test_import_then_export_is_bit_exact(tmp_path):
     transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
 
 
-def _train_worker(rank, world, overrides):  # noqa: ARG001
+def _train_worker(rank, world, overrides):
     from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
 

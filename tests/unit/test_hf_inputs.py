@@ -81,9 +81,9 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 def test_feature_our_builder_lacks_is_named(tmp_path):
-    from tests.hf_fixtures import _common
-
     import transformers
+
+    from tests.hf_fixtures import _common
 
     folder = tmp_path / "qwen2"
     config = transformers.Qwen2Config(**_common(intermediate_size=64))
@@ -103,11 +103,12 @@ def test_export_every_needs_hf_path():
 def test_hf_tokenizer_interface_and_chat_template(qwen3_dir):
     import transformers
 
+    from vespo_megatron.models.hf_tokenizer import HFTokenizer
     from vespo_megatron.tokenizer import load_run_tokenizer
 
     reference = transformers.AutoTokenizer.from_pretrained(qwen3_dir, local_files_only=True)
     plain = load_run_tokenizer(load_config(None, [f"model.hf_path={qwen3_dir}"]))
-    assert isinstance(plain, hf.HFTokenizer)
+    assert isinstance(plain, HFTokenizer)
     assert plain.vocab_size == len(reference)
     assert (plain.bos_id, plain.pad_id) == (reference.bos_token_id, reference.pad_token_id)
     assert plain.stop_ids == [reference.eos_token_id, reference.convert_tokens_to_ids("<|end|>")]
