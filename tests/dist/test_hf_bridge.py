@@ -126,3 +126,20 @@ def test_train_from_hf_then_export_reloads_in_transformers(tmp_path):
     for rank_result in results:
         err = (rank_result["logits"] - expected).abs().max().item()
         assert err < 1e-5, f"exported model's logits differ from the trained Megatron model's by {err}"
+
+
+def test_train_resumes_from_an_import_hf_checkpoint(tmp_path):
+    hf_dir = build_hf_model(tmp_path / "src", "llama", with_tokenizer=True)
+    ckpt = tmp_path / "ckpt"
+    common = ["model.max_seq_length=16", "train.micro_batch_size=2", "train.global_batch_size=2",
+              "logging.tensorboard=false", "logging.progress_bar=false", f"logging.run_dir={tmp_path / 'run'}",
+              "parallel.pp=2"]
+    run_local_workers(_import_worker, 2, str(hf_dir), str(ckpt), common, timeout_s=600)
+    assert (ckpt / "step_00000000").is_dir() and (ckpt / "hf_config" / "tokenizer.json").is_file()
+    # The train config points at the checkpoint's own HF metadata (no weights there): the weights can only
+    # come from the resumed checkpoint, and with train.steps=0 they are exactly the imported ones.
+    resume = [f"model.hf_path={ckpt / 'hf_config'}", f"checkpoint.dir={ckpt}", "train.steps=0", *common]
+    results = run_local_workers(_train_worker, 2, resume, timeout_s=600)
+    expected = hf_logits(hf_dir, TOKENS)
+    got = [r["logits"] for r in results if r["logits"] is not None]
+    assert len(got) == 1 and (got[0] - expected).abs().max().item() < 1e-5
