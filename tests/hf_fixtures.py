@@ -37,7 +37,9 @@ def hf_config(family: str, **overrides):
             intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **overrides))
     if family == "llama":
-        return transformers.LlamaConfig(**_common(intermediate_size=64, rope_theta=500000.0, **overrides))
+        # Tied input/output embeddings as in Llama 3.2 1B/3B (under PP the last stage holds a copy).
+        return transformers.LlamaConfig(**_common(**{"intermediate_size": 64, "rope_theta": 500000.0,
+                                                     "tie_word_embeddings": True, **overrides}))
     raise ValueError(f"unknown family {family!r}")
 
 

@@ -213,6 +213,11 @@ def load_hf_weights(hf_path, chunks) -> None:
                 param.fill_(float("nan"))
     bridge = bridge_for(hf_path, with_weights=True)
     bridge.load_hf_weights(models)
+    if models[0].share_embeddings_and_output_weights and models[0].config.pipeline_model_parallel_size > 1:
+        # The bridge fills the first stage's embedding only; Megatron's own set-up copies it into the last
+        # stage's output layer (zero there, then an all-reduce over the embedding group), as at init.
+        for model in models:
+            model.setup_embeddings_and_output_layer()
     missing = [name for model in models for name, param in model.named_parameters() if torch.isnan(param).any()]
     if missing:
         raise RuntimeError(f"Megatron-Bridge left {len(missing)} parameter(s) of this rank unset when loading "
