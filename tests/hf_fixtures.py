@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 96
+VOCAB = 100  # not a multiple of 8: Megatron pads the vocabulary, the bridge pads and trims it
 TOKENIZER_TEXT = ["1+2=3", "4+5=9", "12+7=19", "What is 3+4? 7", "hello world", "<|user|> <|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% endfor %}"
