@@ -29,6 +29,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2 loss.name=grpo")
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model.hf_path is a local folder: nothing is downloaded
     from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
     from vespo_megatron.runtime.distributed import shutdown
