@@ -44,6 +44,9 @@ _DERIVED_FIELDS = {
     "position_embedding": "position_embedding_type", "rotary_base": "rotary_base",
     "tie_embeddings": "share_embeddings_and_output_weights", "add_bias_linear": "add_bias_linear",
     "qk_layernorm": "qk_layernorm", "num_experts": "num_moe_experts",
+    # The bridge copies the embedding as is at TP1 and pads it only across TP ranks, so the padding
+    # multiple must be its own (the largest power of two <= 128 dividing the vocabulary).
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
 }  # fmt: skip
 _DERIVED_MOE_FIELDS = {
     "moe_router_topk": "moe_router_topk", "moe_ffn_hidden_size": "moe_ffn_hidden_size",
@@ -282,6 +285,21 @@ def _export_dtype(config) -> Optional[torch.dtype]:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
+def _vocabulary_hf_names(bridge) -> set:
+    """HF names of the embedding and output weights, from the bridge's own mapping registry.
+
+    The bridge pads these rows on import when Megatron's vocabulary is padded for TP, but exports them
+    padded; :func:`export_hf` trims them back to the HF vocabulary.
+    """
+    registry = bridge._model_bridge.mapping_registry()
+    names = set()
+    for megatron_name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        mapping = registry.megatron_to_hf_lookup(megatron_name)
+        if mapping is not None and isinstance(mapping.hf_param, str):
+            names.add(mapping.hf_param)
+    return names
+
+
 def export_hf(chunks, metadata_dir, out_dir, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Optional[Path]:
     """Write this model as an HF folder at ``out_dir``; collective over all ranks, rank 0 writes.
 
@@ -302,8 +320,11 @@ def export_hf(chunks, metadata_dir, out_dir, max_shard_bytes: int = DEFAULT_SHAR
         tmp.mkdir(parents=True)
         writer = _ShardWriter(tmp, max_shard_bytes)
     dtype = _export_dtype(bridge.hf_pretrained)
+    vocab, vocab_rows = bridge.hf_pretrained.vocab_size, _vocabulary_hf_names(bridge)
     for name, tensor in bridge.export_hf_weights(_unwrapped(chunks), cpu=True, show_progress=False,
                                                  weight_dtype=dtype):
+        if name in vocab_rows and tensor.shape[0] > vocab:
+            tensor = tensor[:vocab]  # Megatron's padding rows (vocabulary padded to a multiple of tp)
         if writer is not None:
             writer.add(name, tensor)
     if writer is not None:
