@@ -68,7 +68,7 @@ _BUILDER_FIXED = {
 
 def _auto_bridge_class():
     """``megatron.bridge.AutoBridge``, importable without Transformer Engine (runtime/compat.py)."""
-    import megatron.core
+    import megatron.core  # noqa: F401 - megatron.core settles its own TE checks before the bridge loads
 
     from vespo_megatron.runtime.compat import allow_bridge_without_transformer_engine
 
