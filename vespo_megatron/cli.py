@@ -9,6 +9,8 @@ Commands:
   study staleness|lr-sweep               the staleness study (variants x N, fixed mini-batch) and its lr sweep
   train-tokenizer --input ... --output ... --vocab-size N   train a sentencepiece model
   config-docs [--write]                  render docs/configs.md from the config dataclasses
+  import-hf HF_DIR CHECKPOINT_DIR [--config CONFIG] [overrides]   HF folder -> checkpoint that train resumes
+  export-hf CHECKPOINT_DIR OUT_DIR [overrides]   checkpoint (any layout) -> HF folder (docs/models.md)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2 loss.name=grpo")
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model.hf_path is a local folder: nothing is downloaded
     from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
     from vespo_megatron.runtime.distributed import shutdown
@@ -92,6 +95,18 @@ def _config_docs(argv: list[str]) -> int:
     return main(argv)
 
 
+def _import_hf(argv: list[str]) -> int:
+    from vespo_megatron.hf_commands import import_main
+
+    return import_main(argv)
+
+
+def _export_hf(argv: list[str]) -> int:
+    from vespo_megatron.hf_commands import export_main
+
+    return export_main(argv)
+
+
 COMMANDS = {
     "train": _train,
     "demo": _demo,
@@ -101,6 +116,8 @@ COMMANDS = {
     "study": _study,
     "train-tokenizer": _train_tokenizer,
     "config-docs": _config_docs,
+    "import-hf": _import_hf,
+    "export-hf": _export_hf,
 }
 
 

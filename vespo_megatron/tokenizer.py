@@ -75,8 +75,17 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self._sp.unk_id()
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a response (eos)."""
+        return [self.eos_id]
+
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as the model sees it: bos, then the text."""
+        return [self.bos_id] + self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
@@ -97,6 +106,23 @@ class Tokenizer:
 def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
     """The tokenizer at `model_path`, or the shipped tiny one when it is None."""
     return Tokenizer(default_tokenizer_path() if model_path is None else model_path)
+
+
+def load_run_tokenizer(config):
+    """The run's tokenizer: ``task.tokenizer`` (a sentencepiece file or an HF folder), else
+    ``model.hf_path``'s tokenizer when that folder has one, else the shipped tiny model."""
+    from vespo_megatron.models.hf_tokenizer import HFTokenizer, has_tokenizer
+
+    chosen = config.task.tokenizer
+    if chosen is not None and Path(chosen).is_dir():
+        return HFTokenizer(chosen, chat_template=config.task.chat_template)
+    if chosen is None and config.model.hf_path and has_tokenizer(config.model.hf_path):
+        return HFTokenizer(config.model.hf_path, chat_template=config.task.chat_template)
+    if config.task.chat_template:
+        raise ValueError(f"task.chat_template=true needs a Hugging Face tokenizer, but the run uses the sentencepiece "
+                         f"model {chosen or default_tokenizer_path()}; point task.tokenizer or model.hf_path at an "
+                         "HF folder with tokenizer files")
+    return load_tokenizer(chosen)
 
 
 def train_tokenizer(

@@ -63,8 +63,18 @@ def _build(cls: type, data: dict, where: str) -> Any:
 
 
 def config_from_dict(data: dict) -> Config:
-    """Build a :class:`Config` from nested plain data (unknown keys and wrong types are errors)."""
-    return _build(Config, data or {}, "")
+    """Build a :class:`Config` from nested plain data (unknown keys and wrong types are errors).
+
+    With ``model.hf_path`` set, the model shapes come from that HF folder's config.json
+    (:func:`vespo_megatron.models.hf.resolve_model_config`); shape keys given here must agree with it.
+    """
+    config = _build(Config, data or {}, "")
+    if config.model.hf_path:
+        from vespo_megatron.models.hf import resolve_model_config
+
+        given = (data or {}).get("model") or {}
+        config.model = resolve_model_config(config.model, given_keys=set(given))
+    return config
 
 
 def parse_overrides(overrides: list[str]) -> dict:

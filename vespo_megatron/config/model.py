@@ -13,6 +13,10 @@ from vespo_megatron.config.errors import _divisors, _require
 class ModelConfig:
     """A GPT decoder (dense, or Mixture-of-Experts when num_experts is set)."""
 
+    hf_path: Optional[str] = None
+    """Local Hugging Face folder (config.json + safetensors): the run starts from its weights, and the shape
+    keys (layers, widths, heads, vocab, norms, rope base, experts) are derived from its config.json; a shape
+    key also given here must agree. Its tokenizer is used when it has one (docs/models.md)."""
     num_layers: int = 2
     """Transformer layers."""
     hidden_size: int = 64

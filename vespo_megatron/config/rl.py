@@ -157,4 +157,7 @@ class TaskConfig:
     options: dict = field(default_factory=dict)
     """Keyword options of the task (e.g. max_operand for arithmetic, path and reward_fn for jsonl)."""
     tokenizer: Optional[str] = None
-    """sentencepiece model file; None uses the tiny model shipped with the package."""
+    """sentencepiece model file, or a Hugging Face tokenizer folder; None uses model.hf_path's tokenizer when that
+    folder has one, else the tiny sentencepiece model shipped with the package."""
+    chat_template: bool = False
+    """Render each prompt as a user turn through the HF tokenizer's chat template (with the generation prompt)."""

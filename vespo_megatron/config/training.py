@@ -96,7 +96,11 @@ class CheckpointConfig:
     """Keep this many newest checkpoints."""
     resume: bool = True
     """Resume from the newest checkpoint in dir when one exists."""
+    export_hf_every: int = 0
+    """Also write the weights as a Hugging Face folder (dir/hf/step_XXXXXXXX) every this many steps; needs
+    model.hf_path and dir. 0 disables it. `vespo-megatron export-hf` does the same from a saved checkpoint."""
 
     def __post_init__(self) -> None:
         _require(self.save_every >= 0, f"checkpoint.save_every={self.save_every} must be >= 0")
         _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        _require(self.export_hf_every >= 0, f"checkpoint.export_hf_every={self.export_hf_every} must be >= 0")

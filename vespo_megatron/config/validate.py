@@ -21,6 +21,7 @@ def validate(config: Config, world_size: int) -> None:
     _validate_experts(config.parallel, config.model, trainers)
     _validate_batch(config, world_size)
     _validate_rl(config, world_size)
+    _validate_hf(config)
 
 
 def _validate_disaggregated(config: Config, world_size: int) -> None:
@@ -263,4 +264,18 @@ def _validate_rl(config: Config, world_size: int) -> None:
     _require(
         not rollout.routing_replay or config.model.is_moe,
         "rollout.routing_replay=true needs an MoE model (model.num_experts is null)",
+    )
+
+
+def _validate_hf(config: Config) -> None:
+    every = config.checkpoint.export_hf_every
+    _require(
+        not every or (config.model.hf_path and config.checkpoint.dir),
+        f"checkpoint.export_hf_every={every} needs model.hf_path (the HF config to export against) and "
+        f"checkpoint.dir; got hf_path={config.model.hf_path!r}, dir={config.checkpoint.dir!r}",
+    )
+    _require(
+        not config.task.chat_template or config.model.hf_path or config.task.tokenizer,
+        "task.chat_template=true needs a Hugging Face tokenizer with a chat template: set model.hf_path (a folder "
+        "with tokenizer files) or task.tokenizer (an HF tokenizer folder)",
     )

@@ -19,7 +19,11 @@ import torch
 from vespo_megatron.loss import kernel
 from vespo_megatron.loss.aggregate import aggregate_sequence_loss
 from vespo_megatron.loss.logprobs import vocab_parallel_token_logprobs
-from vespo_megatron.loss.policy import PolicyLossInputs, get_policy_loss, vespo_sequence_loss
+from vespo_megatron.loss.policy import (
+    PolicyLossInputs,
+    get_policy_loss,
+    vespo_sequence_loss,
+)
 from vespo_megatron.loss.sequence import sequence_logprob_sums
 from vespo_megatron.models.gpt import unwrap
 from vespo_megatron.rl.batch import segment_ids

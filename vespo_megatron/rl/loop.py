@@ -61,13 +61,15 @@ class Runner:
     eval_after: Optional[float] = None
 
 
-def build_runner(config: Config) -> Runner:
+def build_runner(config: Config, hf_weights: bool = True) -> Runner:
+    """Tokenizer, task, groups and engine (a rollout worker's in disaggregated mode); ``hf_weights=False``
+    skips loading ``model.hf_path``'s weights (the run is about to resume from a checkpoint)."""
     from vespo_megatron.rl.staleness import StalenessManager
     from vespo_megatron.rollout.external import ExternalRollouts
     from vespo_megatron.tasks import build_task
-    from vespo_megatron.tokenizer import load_tokenizer
+    from vespo_megatron.tokenizer import load_run_tokenizer
 
-    tokenizer = load_tokenizer(config.task.tokenizer)
+    tokenizer = load_run_tokenizer(config)
     task = build_task(config.task.name, **config.task.options)
     split = None
     if config.parallel.rollout_ranks:
@@ -82,7 +84,7 @@ def build_runner(config: Config) -> Runner:
                           remote=worker, split=split)
     else:
         ctx = initialize(config)
-    engine = build_engine(config, ctx, vocab_size=tokenizer.vocab_size)
+    engine = build_engine(config, ctx, vocab_size=tokenizer.vocab_size, hf_weights=hf_weights)
     external = None
     if config.rollout.source == "jsonl":
         external = ExternalRollouts(config.rollout.jsonl_path, group_size=config.rollout.group_size,
@@ -105,7 +107,7 @@ def _sft_micro_batches(runner: Runner, samples) -> list[dict]:
     tok, seq_len = runner.tokenizer, runner.config.seq_length
     rows, masks = [], []
     for sample in samples:
-        prompt = [tok.bos_id] + tok.encode(sample.prompt)
+        prompt = tok.encode_prompt(sample.prompt)
         answer = tok.encode(sample.answer) + [tok.eos_id]
         ids = (prompt + answer)[: seq_len + 1]
         row = torch.full((seq_len + 1,), tok.pad_id, dtype=torch.long)
@@ -142,13 +144,13 @@ def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> flo
 
     cfg = runner.config
     samples = runner.task.held_out(seed_offset).prompts().next_batch(num_prompts)
-    encoded = [[runner.tokenizer.bos_id] + runner.tokenizer.encode(s.prompt) for s in samples]
+    encoded = [runner.tokenizer.encode_prompt(s.prompt) for s in samples]
     micro = 1 if not cfg.parallel.vpp else cfg.parallel.pp
     while len(encoded) % micro:
         encoded.append(encoded[-1])
         samples.append(samples[-1])
     generated = sample(runner.engine, encoded, replace(cfg.rollout), seq_length=cfg.seq_length,
-                       eos_id=runner.tokenizer.eos_id, pad_id=runner.tokenizer.pad_id,
+                       eos_id=runner.tokenizer.stop_ids, pad_id=runner.tokenizer.pad_id,
                        generator=torch.Generator().manual_seed(0), greedy=True,
                        vocab_size=runner.tokenizer.vocab_size)
     rewards = score(runner.task, runner.tokenizer, generated, samples)[:num_prompts]
@@ -316,12 +318,16 @@ def run(config: Config) -> Runner:
     from vespo_megatron import checkpoint
     from vespo_megatron.metrics import MetricsLogger, ProgressBar
 
-    runner = build_runner(config)
+    ckpt_cfg = config.checkpoint
+    resume_from = checkpoint.latest_checkpoint(ckpt_cfg.dir) if ckpt_cfg.dir and ckpt_cfg.resume else None
+    runner = build_runner(config, hf_weights=resume_from is None)
     if runner.split is not None and runner.split.role == "rollout":
         return _run_rollout_worker(runner)
     ctx = runner.engine.ctx
-    ckpt_cfg = config.checkpoint
-    resume_from = checkpoint.latest_checkpoint(ckpt_cfg.dir) if ckpt_cfg.dir and ckpt_cfg.resume else None
+    if config.model.hf_path and ckpt_cfg.dir:
+        from vespo_megatron.models.hf import write_checkpoint_sidecar
+
+        write_checkpoint_sidecar(ckpt_cfg.dir, config)  # export-hf reads the HF config back from here
     if resume_from is not None:
         if config.rl.kl_coef > 0:
             runner.engine.freeze_reference()  # the checkpoint restores the reference weights into it
@@ -364,6 +370,10 @@ def run(config: Config) -> Runner:
                 runner.remote.drain()  # the steps the workers sampled ahead go into the checkpoint
             if saving:
                 checkpoint.save_checkpoint(runner.engine, ckpt_cfg.dir, runner.step, loop_state(runner))
+            if ckpt_cfg.export_hf_every and runner.step % ckpt_cfg.export_hf_every == 0:
+                from vespo_megatron.models.hf import export_checkpoint
+
+                export_checkpoint(runner.engine, ckpt_cfg.dir, f"{ckpt_cfg.dir}/hf/step_{runner.step:08d}")
             if stop:
                 break
         if config.rl.eval_prompts:

@@ -19,7 +19,12 @@ import torch.distributed as dist
 from vespo_megatron.models.routing import routing_recorder
 from vespo_megatron.rl.advantages import group_advantages, informative_groups
 from vespo_megatron.rl.batch import Rollout, micro_batches
-from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
+from vespo_megatron.rl.heads import (
+    old_logprob_sums_head,
+    old_token_logprobs_head,
+    token_loss_head,
+    vespo_head,
+)
 from vespo_megatron.rollout.decode import sample
 from vespo_megatron.train.batches import context_parallel_chunks
 
@@ -44,8 +49,9 @@ def score(task, tokenizer, generated, samples) -> torch.Tensor:
     for row in range(generated.sequences.shape[0]):
         start = int(generated.prompt_lengths[row])
         ids = generated.sequences[row, start : start + int(generated.response_lengths[row])].tolist()
-        if tokenizer.eos_id in ids:
-            ids = ids[: ids.index(tokenizer.eos_id)]
+        stops = [ids.index(stop) for stop in tokenizer.stop_ids if stop in ids]
+        if stops:
+            ids = ids[: min(stops)]
         texts.append(tokenizer.decode(ids))
     return torch.tensor(task.rewards(texts, samples), dtype=torch.float32)
 
@@ -65,10 +71,10 @@ def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: tor
     """
     group = cfg.rollout.group_size
     samples = [s for s in prompts for _ in range(group)]
-    encoded = [[tokenizer.bos_id] + tokenizer.encode(s.prompt) for s in samples]
+    encoded = [tokenizer.encode_prompt(s.prompt) for s in samples]
     stop = tuple(tuple(tokenizer.encode(text)) for text in cfg.rollout.stop)
     generated = sample(
-        engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=tokenizer.eos_id,
+        engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=tokenizer.stop_ids,
         pad_id=tokenizer.pad_id, generator=generator, vocab_size=tokenizer.vocab_size,
         stop_sequences=stop, record_routing=cfg.rollout.routing_replay,
     )

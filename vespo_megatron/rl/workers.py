@@ -28,7 +28,14 @@ import torch.distributed as dist
 
 from vespo_megatron.rl.batch import Rollout
 from vespo_megatron.rl.staleness import default_lookahead
-from vespo_megatron.rl.weight_sync import TrainerSync, WorkerFailure, WorkerSync, _wait, exchange_manifests, post
+from vespo_megatron.rl.weight_sync import (
+    TrainerSync,
+    WorkerFailure,
+    WorkerSync,
+    _wait,
+    exchange_manifests,
+    post,
+)
 
 HEADER_TAG = 42
 ROLLOUT_TAG = 43

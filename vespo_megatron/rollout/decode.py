@@ -50,6 +50,7 @@ from vespo_megatron.rollout.generate import (
     generate,
     hits_stop,
     lockstep_group,
+    stop_id_set,
 )
 from vespo_megatron.rollout.sampling import sample_next_tokens
 
@@ -242,7 +243,7 @@ def decode(
     settings: RolloutConfig,
     *,
     seq_length: int,
-    eos_id: int,
+    eos_id: int | list[int],
     pad_id: int,
     generator: torch.Generator,
     greedy: bool = False,
@@ -277,9 +278,10 @@ def decode(
     lockstep = lockstep_group(engine)
     fed = 0
     cache_bytes = 0
+    stop_ids = torch.tensor(sorted(stop_id_set(eos_id)), dtype=torch.long)
 
     def done(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        finished = (tokens == eos_id) | (state.generated[rows] >= settings.max_new_tokens)
+        finished = torch.isin(tokens, stop_ids) | (state.generated[rows] >= settings.max_new_tokens)
         if stop_sequences:
             for index, row in enumerate(rows.tolist()):
                 start_of_response = int(prompt_lengths[row])

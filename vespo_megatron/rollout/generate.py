@@ -126,9 +126,15 @@ def draw_uniforms(generator: torch.Generator, max_new_tokens: int, n: int) -> to
     return torch.rand(max_new_tokens, n, generator=generator)
 
 
-def hits_stop(response: list[int], eos_id: int, stop_sequences: tuple[tuple[int, ...], ...] = ()) -> bool:
-    """True when ``response`` (token ids sampled so far) ends with the stop token or a stop sequence."""
-    if response and response[-1] == eos_id:
+def stop_id_set(eos_id) -> frozenset[int]:
+    """``eos_id`` as a set of stop ids (an int, or a list of ints)."""
+    return frozenset([int(eos_id)] if isinstance(eos_id, int) else (int(i) for i in eos_id))
+
+
+def hits_stop(response: list[int], eos_id, stop_sequences: tuple[tuple[int, ...], ...] = ()) -> bool:
+    """True when ``response`` (token ids sampled so far) ends with a stop id (``eos_id``: one or a list)
+    or a stop sequence."""
+    if response and response[-1] in stop_id_set(eos_id):
         return True
     return any(len(response) >= len(stop) and tuple(response[-len(stop):]) == stop for stop in stop_sequences)
 
@@ -161,7 +167,7 @@ def generate(
     settings: RolloutConfig,
     *,
     seq_length: int,
-    eos_id: int,
+    eos_id: int | list[int],
     pad_id: int,
     generator: torch.Generator,
     greedy: bool = False,
@@ -174,8 +180,9 @@ def generate(
     (:func:`vespo_megatron.rollout.decode.decode`): every step runs the full padded batch.
     ``vocab_size`` (the tokenizer's) keeps the padding rows of Megatron's padded vocabulary from being
     sampled; the recorded log-probs stay those of the full softmax the trainer evaluates. A response
-    ends at ``eos_id``, at the end of any of ``stop_sequences`` (token ids) or after
-    ``settings.max_new_tokens`` tokens.
+    ends at ``eos_id`` (one stop id, or a list of them: an HF model's generation_config often lists
+    several), at the end of any of ``stop_sequences`` (token ids) or after ``settings.max_new_tokens``
+    tokens.
     """
     from vespo_megatron.train.batches import shard_micro_batch
 

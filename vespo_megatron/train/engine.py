@@ -230,9 +230,17 @@ class Engine:
         return {name: float(totals[row, 0] / max(totals[row, 1], 1e-12)) for row, name in enumerate(names)}
 
 
-def build_engine(config: Config, ctx: ParallelContext, vocab_size: int) -> Engine:
-    """Model chunks for this rank, wrapped for data parallelism, with optimizer and LR schedule."""
+def build_engine(config: Config, ctx: ParallelContext, vocab_size: int, hf_weights: bool = True) -> Engine:
+    """Model chunks for this rank, wrapped for data parallelism, with optimizer and LR schedule.
+
+    With ``model.hf_path`` set and ``hf_weights`` true the chunks start from that folder's weights
+    (:func:`vespo_megatron.models.hf.load_hf_weights`); a run about to resume passes False.
+    """
     built = build_model(config, vocab_size)
+    if config.model.hf_path and hf_weights:
+        from vespo_megatron.models.hf import load_hf_weights
+
+        load_hf_weights(config.model.hf_path, built.chunks)
     chunks = _ddp_wrap(config, built)
     optimizer = _optimizer(config, chunks)
     _wire_model_config(built, chunks, config.optimizer)
