@@ -82,11 +82,16 @@ def _optimizer(config: Config, chunks: list):
     return get_megatron_optimizer(mconfig, chunks, use_gloo_process_groups=False)
 
 
+def total_updates(config: Config) -> int:
+    """Optimizer updates of the RL run (``train.steps`` rollouts x ``rl.num_minibatches``): the schedule's length."""
+    return config.train.steps * config.rl.num_minibatches
+
+
 def _scheduler(config: Config, optimizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt = config.optimizer
-    steps = max(config.train.steps, 1)
+    steps = max(total_updates(config), 1)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if opt.lr_warmup_steps else opt.lr,
@@ -168,11 +173,16 @@ class Engine:
                    lr: Optional[float] = None) -> StepResult:
         """Forward/backward over ``micro_batches`` (this rank's share), then one optimizer step.
 
-        ``lr`` overrides the schedule for this step (supervised warm-up) and leaves the schedule as it is.
+        ``lr`` overrides the schedule for this step (supervised warm-up) and leaves the schedule as it is;
+        without it the schedule's current learning rate is re-applied first, so an override never leaks
+        into the next scheduled update. ``StepResult.lr`` is the rate this update used.
         """
-        if lr is not None:
+        if lr is None:
+            self.scheduler.step(increment=0)  # sets every group's lr from the schedule at this update
+        else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+        used_lr = float(self.optimizer.param_groups[0]["lr"])
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -190,7 +200,7 @@ class Engine:
             reported=reported,
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=not update_ok,
-            lr=self.optimizer.param_groups[0]["lr"],
+            lr=used_lr,
             seconds={"forward_backward": backward_done - started, "optimizer": finished - backward_done},
         )
 
