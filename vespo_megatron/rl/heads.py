@@ -96,8 +96,12 @@ def _finish(loss, batch, global_tokens, reported, report_weight: float = 1.0):
     return loss_sum, num_tokens, reported
 
 
-def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor):
-    """VESPO on the sequence-parallel path (docs/loss.md): ``-phi(W) A S_seq`` aggregated."""
+def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
+               global_micro_batches: int = 1):
+    """VESPO on the sequence-parallel path (docs/loss.md): ``-phi(W) A S_seq`` aggregated.
+
+    The ``global_*`` counts are the update's normalisers over every micro-batch and data-parallel rank.
+    """
     loss_cfg, params = config.loss, config.loss.params()
     correction = loss_cfg.correction
     temperature = config.rollout.temperature
@@ -115,8 +119,8 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
         lengths = batch["response_lengths"]
         seq_loss, _ = vespo_sequence_loss(sums, log_w, advantages, params, keep, lengths)
         seq_loss = seq_loss + kl_penalty(sums, batch, config.rl.kl_coef)
-        loss = aggregate_sequence_loss(seq_loss, lengths.to(seq_loss.dtype), loss_cfg.aggregation,
-                                       global_tokens, global_sequences)
+        loss = aggregate_sequence_loss(seq_loss, lengths.to(seq_loss.dtype), loss_cfg.aggregation_mode,
+                                       global_tokens, global_sequences, global_micro_batches)
         phi = kernel.vespo_phi(log_w, advantages, params.k_pos, params.lambda_pos, params.k_neg, params.lambda_neg)
         reported = {
             "seq/log_w": kernel.clamp_log_w(log_w),
@@ -131,8 +135,9 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
     return head
 
 
-def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor):
-    """A token-level baseline from the registry on per-token log-probs."""
+def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
+                    global_micro_batches: int = 1):
+    """A token-level baseline from the registry on per-token log-probs (normalisers as in :func:`vespo_head`)."""
     loss_cfg, params = config.loss, config.loss.params()
     policy = get_policy_loss(loss_cfg.name)
     temperature = config.rollout.temperature
@@ -150,8 +155,8 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
         out = policy(inputs, params)
         lengths = batch["response_lengths"]
         seq_loss = out.token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)
-        loss = aggregate_sequence_loss(seq_loss, lengths.to(out.token_loss.dtype),
-                                       loss_cfg.aggregation, global_tokens, global_sequences)
+        loss = aggregate_sequence_loss(seq_loss, lengths.to(out.token_loss.dtype), loss_cfg.aggregation_mode,
+                                       global_tokens, global_sequences, global_micro_batches)
         log_ratio = ((logprobs.detach() - batch["old_logprobs"]) * mask).sum(dim=1)
         reported = {
             "seq/log_w": log_ratio,
