@@ -168,7 +168,7 @@ def _step_worker(rank, world, overrides, workdir, role, compare_grads, head_kind
         micro, head, emit, key = _my_micro_batches(ctx), sft_loss_head, False, "sft/loss"
     else:
         (micro, head), emit, key = _rl_micro_batches(engine, ctx, config, head_kind, workdir, role), True, "loss/value"
-    reported = engine._run_schedule(micro, head, forward_only=False, emit_hidden_states=emit)
+    reported = engine.forward_backward(micro, head, emit)
     loss = engine.reduce_reported(reported)[key]
     if compare_grads:
         saved = _swap_grads_into_params(engine)

@@ -95,25 +95,13 @@ def transformer_config(config: Config, vocab_size: int):
             moe_router_topk=model.moe_router_topk,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_size,
             moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
-            moe_aux_loss_coeff=aux_loss_coeff_for_layout(model.moe_aux_loss_coeff, par.tp, par.cp),
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,  # rescaled per update: Engine.scale_moe_aux_loss
             moe_router_load_balancing_type="aux_loss",
             moe_token_dispatcher_type=model.moe_token_dispatcher,
             moe_grouped_gemm=model.moe_grouped_gemm,
             moe_permute_fusion=False,
         )
     return TransformerConfig(**kwargs)
-
-
-def aux_loss_coeff_for_layout(coeff: float, tp: int, cp: int) -> float:
-    """The router coefficient that gives the same load-balancing gradient for every TP/CP layout.
-
-    With per-token loss scaling Megatron's router multiplies each rank's aux loss by the number of
-    tokens that rank routes. Under sequence/context parallelism a rank routes 1/(tp*cp) of the
-    micro-batch and its aux loss is the matching partial sum, so the summed gradient comes out
-    1/(tp*cp) of the single-rank one. Scaling the coefficient by tp*cp restores layout invariance
-    (tests/dist/test_layout_equivalence.py checks it against the single-process run).
-    """
-    return coeff * tp * cp
 
 
 def _batch_p2p_comm(config: Config) -> bool:

@@ -187,8 +187,7 @@ class Engine:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         started = time.perf_counter()
-        reported = self._run_schedule(micro_batches, loss_head, forward_only=False,
-                                      emit_hidden_states=emit_hidden_states)
+        reported = self.forward_backward(micro_batches, loss_head, emit_hidden_states)
         backward_done = time.perf_counter()
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok and lr is None:
@@ -203,6 +202,46 @@ class Engine:
             lr=used_lr,
             seconds={"forward_backward": backward_done - started, "optimizer": finished - backward_done},
         )
+
+    def forward_backward(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = False
+                         ) -> list[dict]:
+        """The schedule with backward (gradients accumulate into the DDP buffers and are finalised)."""
+        self.scale_moe_aux_loss(micro_batches)
+        return self._run_schedule(micro_batches, loss_head, forward_only=False, emit_hidden_states=emit_hidden_states)
+
+    def scale_moe_aux_loss(self, micro_batches: list[dict]) -> None:
+        """Set the routers' aux-loss coefficient for this update so its effective value is the configured one.
+
+        With per-token loss scaling, Megatron's router multiplies each micro-batch's load-balancing loss
+        by the tokens it routes and expects ``finalize_model_grads`` to divide by the same count, which
+        leaves the aux gradient as the mean over the update's micro-batches (and DP ranks) of each
+        micro-batch's aux-loss gradient. Our loss heads return loss tokens (response or answer tokens)
+        instead, so the division is by ``N_loss`` and the aux gradient comes out ``routed / N_loss`` times
+        too large. The coefficient is therefore scaled by ``N_loss / routed`` (both over the whole update:
+        all micro-batches, all DP x CP ranks). No other layout factor is needed: the router pre-multiplies
+        by its local tokens times the TP x CP size, i.e. the micro-batch's routed tokens, on every layout
+        (tests/dist/test_moe_aux_loss.py checks the gradient against float64 on 1 process, TP2+SP, CP2, EP2).
+        """
+        import torch.distributed as dist
+
+        model = self.config.model
+        if not model.is_moe:
+            return
+        if model.moe_aux_loss_coeff == 0:
+            self.built.tconfig.moe_aux_loss_coeff = 0.0
+            return
+        loss_tokens = torch.tensor([sum(float(b["loss_mask"].sum()) for b in micro_batches)], dtype=torch.float64)
+        if self.ctx.dp * self.ctx.cp > 1:
+            dist.all_reduce(loss_tokens, group=self.ctx.dp_cp_group)
+        tokens = micro_batches[0]["tokens"]
+        routed = len(micro_batches) * self.ctx.dp * tokens.shape[0] * tokens.shape[1] * self.ctx.cp
+        self.built.tconfig.moe_aux_loss_coeff = model.moe_aux_loss_coeff * max(float(loss_tokens), 1.0) / routed
+
+    def close(self) -> None:
+        """Release what this engine left in Megatron's process-wide state (MoE trackers, aux-loss scales)."""
+        from vespo_megatron.runtime.global_state import reset_megatron_globals
+
+        reset_megatron_globals()
 
     def forward_only(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = True
                      ) -> list[dict]:
@@ -241,7 +280,14 @@ class Engine:
 
 
 def build_engine(config: Config, ctx: ParallelContext, vocab_size: int) -> Engine:
-    """Model chunks for this rank, wrapped for data parallelism, with optimizer and LR schedule."""
+    """Model chunks for this rank, wrapped for data parallelism, with optimizer and LR schedule.
+
+    Megatron's process-wide state left by an earlier engine in this process is cleared first
+    (runtime/global_state.py), so engines built one after another behave as in a fresh process.
+    """
+    from vespo_megatron.runtime.global_state import reset_megatron_globals
+
+    reset_megatron_globals()
     built = build_model(config, vocab_size)
     chunks = _ddp_wrap(config, built)
     optimizer = _optimizer(config, chunks)
