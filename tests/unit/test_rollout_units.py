@@ -240,6 +240,10 @@ def test_external_rollouts_pack_groups_and_wrap_around(tmp_path):
     (_line(sampler_logprobs=[-0.5, "nan"]), "finite numbers <= 0"),
     (_line(reward=None), "reward must be a finite number"),
     (_line(reward=True), "reward must be a finite number"),
+    (_line(response_tokens=[6, True]), "holds True; token ids must be integers.*true/false"),
+    (_line(prompt_tokens=[2, False]), "holds False; token ids must be integers"),
+    (_line(sampler_logprobs=[-0.5, False]), "holds False; log-probs must be finite.*true/false"),
+    (_line(response_tokens="63"), "response_tokens must be a JSON list"),
 ])
 def test_external_rollouts_name_file_and_line_of_a_bad_record(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -250,12 +254,19 @@ def test_external_rollouts_name_file_and_line_of_a_bad_record(tmp_path, bad, mes
 def test_external_rollouts_refuse_partial_groups_overlong_lines_empty_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="not whole groups of rollout.group_size=2"):
         _reader(tmp_path, [_line()] * 3)
-    with pytest.raises(ValueError, match=r"rollouts.jsonl:2: prompt \+ response is 12 tokens.*max_seq_length"):
-        _reader(tmp_path, [_line(), _line(prompt_tokens=[2] * 10)])
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:1: prompt \+ response is 12 tokens.*max_seq_length"):
+        _reader(tmp_path, [_line(response_tokens=[3] * 10, sampler_logprobs=[-0.1] * 10), _line()])
     with pytest.raises(ValueError, match="no rollouts in the file"):
         _reader(tmp_path, ["", "  "])
     with pytest.raises(FileNotFoundError, match="rollout.jsonl_path="):
         ExternalRollouts(tmp_path / "missing.jsonl", group_size=2, seq_length=8, pad_id=0, vocab_size=100)
+
+
+def test_external_rollouts_refuse_a_group_whose_lines_answer_different_prompts(tmp_path):
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:4: prompt_tokens differ from line 3.*group_size=2"):
+        _reader(tmp_path, [_line(), _line(), _line(), _line(prompt_tokens=[2, 7])])
+    reader = _reader(tmp_path, [_line(), _line(), _line(prompt_tokens=[2, 7]), _line(prompt_tokens=[2, 7])])
+    assert reader.next_groups(2).sequences[:, :2].tolist() == [[2, 5], [2, 5], [2, 7], [2, 7]]
 
 
 def test_external_rollouts_refuse_a_checkpoint_of_another_file(tmp_path):

@@ -106,6 +106,7 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, c
     for chunk in rows.split(micro_batch_size):
         batch = causal_lm_batch(rollout.sequences[chunk], mask[chunk])
         batch["sampler_logprobs"] = rollout.sampler_logprobs[chunk][:, 1:].contiguous()
+        batch["rows"] = chunk  # rollout row of each sequence (named in error messages)
         batch["advantages"] = rollout.advantages[chunk].float()
         batch["response_lengths"] = rollout.response_lengths[chunk]
         batch["sampler_logprob_sums"] = sampler_sums[chunk].float()

@@ -72,6 +72,45 @@ def old_token_logprobs_head(ctx, temperature: float, chunk_size: int):
     return head
 
 
+class NonFiniteLogprobsError(ValueError):
+    """The policy's log-probs (or the old/sampler log-probs they are compared with) are NaN or infinite."""
+
+
+def _where(batch: dict, rows: torch.Tensor, label: str) -> str:
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ids = batch["rows"][rows].tolist() if "rows" in batch else rows.tolist()
+    return f"{label or 'RL update'}, rank {rank}, rollout rows {ids[:8]}"
+
+
+def check_finite_sums(batch: dict, label: str, **sums: torch.Tensor) -> None:
+    """Raise NonFiniteLogprobsError naming the update, rank and sequences when a per-sequence sum is not finite.
+
+    One reduction per tensor: cheap next to the forward pass it follows.
+    """
+    for name, value in sums.items():
+        bad = ~torch.isfinite(value.detach())
+        if bad.any():
+            raise NonFiniteLogprobsError(
+                f"{_where(batch, bad.nonzero().flatten(), label)}: {int(bad.sum())} non-finite {name}; the weights or "
+                "the input diverged (lower optimizer.lr, check the rollout's sampler_logprobs and loss.correction)")
+
+
+def check_policy_inputs(inputs: PolicyLossInputs, batch: dict, label: str) -> None:
+    """``inputs.validate`` on the training path, its error prefixed with the update, rank and sequences."""
+    try:
+        inputs.validate(allow_empty_rows=True)
+    except ValueError as err:
+        bad = torch.zeros(inputs.advantages.shape[0], dtype=torch.bool)
+        mask = inputs.response_mask.bool()
+        for value in (inputs.logprobs, inputs.old_logprobs, inputs.sampler_logprobs):
+            if value is not None:
+                bad |= (~torch.isfinite(value.detach()) & mask).any(dim=-1)
+        bad |= ~torch.isfinite(inputs.advantages.detach())
+        raise NonFiniteLogprobsError(f"{_where(batch, bad.nonzero().flatten(), label)}: {err}") from None
+
+
 def kl_penalty(logprob_sum: torch.Tensor, batch: dict, kl_coef: float) -> torch.Tensor:
     """Per-sequence KL-to-reference term ``kl_coef * sg(S - S_ref) * S`` (zero without a reference).
 
@@ -97,10 +136,11 @@ def _finish(loss, batch, global_tokens, reported, report_weight: float = 1.0):
 
 
 def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
-               global_micro_batches: int = 1):
+               global_micro_batches: int = 1, label: str = ""):
     """VESPO on the sequence-parallel path (docs/loss.md): ``-phi(W) A S_seq`` aggregated.
 
-    The ``global_*`` counts are the update's normalisers over every micro-batch and data-parallel rank.
+    The ``global_*`` counts are the update's normalisers over every micro-batch and data-parallel rank;
+    ``label`` (e.g. "RL step 3, update 2") prefixes the error raised on non-finite log-probs.
     """
     loss_cfg, params = config.loss, config.loss.params()
     correction = loss_cfg.correction
@@ -109,6 +149,9 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
     def head(output, batch, model):
         sums = _sequence_sums(output, batch, model, ctx, temperature, loss_cfg.chunk_size)
         old = batch["old_logprob_sums"]
+        check_finite_sums(batch, label, **{"policy log-prob sums": sums, "old log-prob sums": old,
+                                           "sampler log-prob sums": batch["sampler_logprob_sums"],
+                                           "advantages": batch["advantages"]})
         ones = torch.ones_like(old).unsqueeze(1)
         term, keep = kernel.train_inference_log_correction(
             old.unsqueeze(1), batch["sampler_logprob_sums"].unsqueeze(1), ones, correction.mode, "sequence",
@@ -136,7 +179,7 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
 
 
 def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
-                    global_micro_batches: int = 1):
+                    global_micro_batches: int = 1, label: str = ""):
     """A token-level baseline from the registry on per-token log-probs (normalisers as in :func:`vespo_head`)."""
     loss_cfg, params = config.loss, config.loss.params()
     policy = get_policy_loss(loss_cfg.name)
@@ -152,6 +195,7 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
             response_mask=mask,
             sampler_logprobs=batch["sampler_logprobs"],
         )
+        check_policy_inputs(inputs, batch, label)
         out = policy(inputs, params)
         lengths = batch["response_lengths"]
         seq_loss = out.token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)

@@ -190,7 +190,8 @@ def train_on_rollout(runner, rollout: Rollout, step: int) -> list:
     cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
     recorder = routing_recorder(engine)  # MoE: per-expert load counts, and replay of recorded experts
     results = []
-    for rows in rollout_minibatches(rollout, cfg, step):
+    for update, rows in enumerate(rollout_minibatches(rollout, cfg, step)):
+        label = f"RL step {step}, update {update}"
         lengths = rollout.response_lengths[rows]
         tokens, sequences = _dp_sum([lengths.sum().item(), (lengths > 0).sum().item()], ctx)
         global_tokens = torch.tensor(max(tokens, 1.0))
@@ -198,12 +199,12 @@ def train_on_rollout(runner, rollout: Rollout, step: int) -> list:
         micro = micro_batches(rollout, rows, cfg.train.micro_batch_size, ctx)
         global_micro = len(micro) * ctx.dp  # every DP rank runs the same number of micro-batches
         if cfg.loss.name == "vespo":
-            head = vespo_head(ctx, cfg, global_tokens, global_sequences, global_micro)
+            head = vespo_head(ctx, cfg, global_tokens, global_sequences, global_micro, label)
         else:
             old = rollout.old_token_logprobs
             for batch, chunk in zip(micro, rows.split(cfg.train.micro_batch_size)):
                 batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
-            head = token_loss_head(ctx, cfg, global_tokens, global_sequences, global_micro)
+            head = token_loss_head(ctx, cfg, global_tokens, global_sequences, global_micro, label)
         with recorder.training_pass(micro) if recorder is not None else nullcontext():
             results.append(engine.train_step(micro, head, emit_hidden_states=True))
     return results
