@@ -122,16 +122,18 @@ def kl_penalty(logprob_sum: torch.Tensor, batch: dict, kl_coef: float) -> torch.
     return kl_coef * (logprob_sum.detach() - batch["ref_logprob_sums"].to(logprob_sum.dtype)) * logprob_sum
 
 
-def _finish(loss, batch, global_tokens, reported, report_weight: float = 1.0):
+def _finish(loss, batch, global_tokens, reported, global_micro_batches: int, report_weight: float = 1.0):
     """Megatron's (loss_sum, num_tokens) pair plus the ``loss/value`` report.
 
-    ``report_weight`` is this rank's share of a replicated loss report: 1 when every rank of the CP
-    group holds the whole loss (VESPO), 1/cp when each holds the part of its own tokens (token losses),
-    so the reduction over DP x CP yields the update's loss either way.
+    ``loss`` is this micro-batch's share of the update's loss (its terms over the global normaliser), so
+    the update's loss is the sum of the shares. The engine reduces a report pair ``[value, weight]`` as
+    sum(value) / sum(weight) over micro-batches and DP x CP ranks; reporting ``[loss * n_micro, weight]``
+    turns that into the sum of the shares. ``report_weight`` is 1 when every rank of the CP group holds
+    the whole loss (VESPO) and 1/cp when each holds the part of its own tokens (token losses).
     """
     local_tokens = batch["loss_mask"].sum()
     loss_sum, num_tokens = rescale_for_global_normaliser(loss, local_tokens, global_tokens)
-    reported["loss/value"] = torch.stack([loss.detach().float(), torch.tensor(report_weight)])
+    reported["loss/value"] = torch.stack([loss.detach().float() * global_micro_batches, torch.tensor(report_weight)])
     return loss_sum, num_tokens, reported
 
 
@@ -173,7 +175,7 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
             "seq/logprob_sum": sums.detach(),
             "seq/old_logprob_sum": old,
         }
-        return _finish(loss, batch, global_tokens, reported)
+        return _finish(loss, batch, global_tokens, reported, global_micro_batches)
 
     return head
 
@@ -210,6 +212,6 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
         for name, value in out.metrics.items():
             if name.endswith("clip_frac") or name.endswith("_frac"):
                 reported[name] = torch.tensor([float(value), 1.0])
-        return _finish(loss, batch, global_tokens, reported, 1.0 / ctx.cp)
+        return _finish(loss, batch, global_tokens, reported, global_micro_batches, 1.0 / ctx.cp)
 
     return head
