@@ -82,7 +82,8 @@ def _complete_lines(path: Path) -> list[str]:
             raise ValueError(f"{path}:{number + 1} is not valid JSON ({exc.msg} at column {exc.colno}); only a torn "
                              "last line is skipped, so the file is corrupt: fix or delete that line") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number + 1} is {type(record).__name__}, not a JSON object; fix or delete that line")
+            raise ValueError(
+                f"{path}:{number + 1} is {type(record).__name__}, not a JSON object; fix or delete that line")
         kept.append(line + "\n")
     return kept
 

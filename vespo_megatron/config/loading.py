@@ -82,7 +82,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err)
-            raise ConfigError(f"override {item!r}: its value is not valid YAML ({problem}); quote it or fix it") from None
+            raise ConfigError(
+                f"override {item!r}: its value is not valid YAML ({problem}); quote it or fix it") from None
     return nested
 
 

@@ -17,9 +17,11 @@ class OptimizerConfig:
     min_lr: float = 0.0
     """Floor of the decay schedule."""
     lr_warmup_steps: int = 0
-    """Linear warm-up from 0 over this many optimizer updates (Megatron's schedule: update k runs at lr * k / lr_warmup_steps, so the first at 0)."""
+    """Linear warm-up from 0 over this many optimizer updates (Megatron's schedule: update k runs at
+    lr * k / lr_warmup_steps, so the first at 0)."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    """Decay after warm-up, ending at min_lr after the run's train.steps x rl.num_minibatches optimizer updates (supervised warm-up updates run at rl.sft_lr, outside the schedule)."""
+    """Decay after warm-up, ending at min_lr after the run's train.steps x rl.num_minibatches optimizer
+    updates (supervised warm-up updates run at rl.sft_lr, outside the schedule)."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     adam_beta1: float = 0.9

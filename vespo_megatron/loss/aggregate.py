@@ -27,7 +27,8 @@ REFERENCE_AGGREGATION = {
 def reference_aggregation(loss_name: str) -> str:
     """The aggregation mode ``loss_name``'s reference uses (``loss.aggregation: null`` picks it)."""
     if loss_name not in REFERENCE_AGGREGATION:
-        raise ValueError(f"loss name {loss_name!r} has no reference aggregation; use one of {sorted(REFERENCE_AGGREGATION)}")
+        raise ValueError(
+            f"loss name {loss_name!r} has no reference aggregation; use one of {sorted(REFERENCE_AGGREGATION)}")
     return REFERENCE_AGGREGATION[loss_name]
 
 

@@ -4,8 +4,9 @@
 scores them and computes group advantages, then evaluates the old-policy log-probs with the weights
 that sampled them (they are the behaviour policy mu of the VESPO weight, also when the rollout is
 trained on K updates later). :func:`train_on_rollout` splits a rollout into ``rl.num_minibatches``
-mini-batches of whole groups (contiguous; ``rl.shuffle_groups`` permutes the groups first) and applies one optimizer update per mini-batch: the first sees ``log W = 0`` (on-policy
-when K = 0), later ones an increasingly stale behaviour policy.
+mini-batches of whole groups (contiguous; ``rl.shuffle_groups`` permutes the groups first) and applies
+one optimizer update per mini-batch: the first sees ``log W = 0`` (on-policy when K = 0), later ones an
+increasingly stale behaviour policy.
 """
 
 from __future__ import annotations

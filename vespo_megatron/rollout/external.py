@@ -47,7 +47,8 @@ def _parse_line(raw: str, where: str, vocab_size: int) -> dict:
         if bad:
             raise ValueError(f"{where}: {key} holds {bad[0]!r}; token ids must be integers in [0, {vocab_size}) "
                              "(true/false are not token ids)")
-    bad = [v for v in logprobs if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 0]
+    bad = [v for v in logprobs
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 0]
     if bad:
         raise ValueError(f"{where}: sampler_logprobs holds {bad[0]!r}; log-probs must be finite numbers <= 0 "
                          "(true/false are not log-probs)")
