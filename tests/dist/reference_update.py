@@ -234,7 +234,10 @@ def _heads(case_config, ctx, ro, old_tok, old_sum, ref_sum, rows):
     from vespo_megatron.rl.heads import token_loss_head, vespo_head
     from vespo_megatron.train.batches import context_parallel_chunks
 
-    ro.old_logprob_sums = old_sum.float()
+    mask = _response_mask(ro)
+    # VESPO's behaviour sums are their own (perturbed) values; token losses carry the sums of their tokens,
+    # as compute_old_logprobs sets them.
+    ro.old_logprob_sums = (old_sum if case_config.loss.name == "vespo" else (old_tok * mask).sum(1)).float()
     if case_config.rl.kl_coef > 0:
         ro.ref_logprob_sums = ref_sum.float()
     micro = micro_batches(ro, rows, MICRO, ctx)
@@ -281,7 +284,10 @@ def _full_setup(overrides, workdir):
 
 
 def run_family(rank, world, base, layouts, cases, workdir):
-    """The worker: references, every layout x case through Megatron, comparison. Returns per-check results."""
+    """The worker: references, every layout x case through Megatron, comparison. Returns per-check results.
+
+    ``layouts`` maps a name to its overrides, or to ``(overrides, case names)`` to run only those cases.
+    """
     import torch.distributed as dist
 
     from vespo_megatron.config.errors import ConfigError
@@ -292,7 +298,8 @@ def run_family(rank, world, base, layouts, cases, workdir):
     model, ro, old_tok, old_sum, ref_sum = _full_setup(base, workdir)
     references = {case.name: reference_gradients(model, case, ro, old_tok, old_sum, ref_sum) for case in cases}
     losses = {}
-    for layout_name, layout in layouts.items():
+    for layout_name, entry in layouts.items():
+        layout, only = entry if isinstance(entry, tuple) else (entry, None)
         config = _config(base + list(layout))
         ctx = initialize(config)
         engine = build_engine(config, ctx, vocab_size=VOCAB)
@@ -300,6 +307,8 @@ def run_family(rank, world, base, layouts, cases, workdir):
         per_rank = ROWS // ctx.dp
         rows = torch.arange(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
         for case in cases:
+            if only is not None and case.name not in only:
+                continue
             case_config = _config(base + list(layout) + case.overrides())
             try:
                 validate(case_config, world)

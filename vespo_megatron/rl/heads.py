@@ -183,9 +183,17 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
 def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
                     global_micro_batches: int = 1, label: str = ""):
     """A token-level baseline from the registry on per-token log-probs (normalisers as in :func:`vespo_head`)."""
+    import dataclasses
+
     loss_cfg, params = config.loss, config.loss.params()
     policy = get_policy_loss(loss_cfg.name)
     temperature = config.rollout.temperature
+    correction = loss_cfg.correction
+    # Under CP a rank holds part of each sequence: a sequence-level correction needs the whole sequence's
+    # log-ratio, taken from the per-sequence sums the batch carries (the outer clamp only, as for VESPO).
+    sequence_weight_from_sums = ctx.cp > 1 and correction.mode != "none" and correction.level == "sequence"
+    if sequence_weight_from_sums:
+        params = dataclasses.replace(params, correction=dataclasses.replace(correction, mode="none"))
 
     def head(output, batch, model):
         logprobs = _token_logprobs(output, batch, model, ctx, temperature, loss_cfg.chunk_size)
@@ -199,9 +207,18 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
         )
         check_policy_inputs(inputs, batch, label)
         out = policy(inputs, params)
+        token_loss = out.token_loss
+        if sequence_weight_from_sums:
+            old_sums = batch["old_logprob_sums"]
+            term, keep = kernel.train_inference_log_correction(
+                old_sums.unsqueeze(1), batch["sampler_logprob_sums"].unsqueeze(1),
+                torch.ones_like(old_sums).unsqueeze(1),
+                correction.mode, "sequence", correction.tis_threshold, correction.mis_lower, correction.mis_upper,
+            )
+            token_loss = token_loss * (term.exp() * keep.to(term.dtype)).unsqueeze(1).to(token_loss.dtype)
         lengths = batch["response_lengths"]
-        seq_loss = out.token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)
-        loss = aggregate_sequence_loss(seq_loss, lengths.to(out.token_loss.dtype), loss_cfg.aggregation_mode,
+        seq_loss = token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)
+        loss = aggregate_sequence_loss(seq_loss, lengths.to(token_loss.dtype), loss_cfg.aggregation_mode,
                                        global_tokens, global_sequences, global_micro_batches)
         log_ratio = ((logprobs.detach() - batch["old_logprobs"]) * mask).sum(dim=1)
         reported = {
