@@ -11,6 +11,9 @@ Commands:
   config-docs [--write]                  render docs/configs.md from the config dataclasses
   import-hf HF_DIR CHECKPOINT_DIR [--config CONFIG] [overrides]   HF folder -> checkpoint that train resumes
   export-hf CHECKPOINT_DIR OUT_DIR [overrides]   checkpoint (any layout) -> HF folder (docs/models.md)
+
+Errors in what you gave (config, layout, data files, reward functions) print as one line naming the
+file or key, the value and the fix. Add --debug anywhere (or set VESPO_DEBUG=1) for the full traceback.
 """
 
 from __future__ import annotations
@@ -121,12 +124,51 @@ COMMANDS = {
 }
 
 
+DEBUG_ENV = "VESPO_DEBUG"
+
+
+def debug_enabled(argv: list[str]) -> bool:
+    """``--debug`` on the command line or ``VESPO_DEBUG=1`` in the environment: show tracebacks."""
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def user_error_line(err: BaseException) -> str | None:
+    """The one-line message of an error in the user's input, or None for an internal error.
+
+    Configuration, layout, data and reward errors (ConfigError, ValueError, FileNotFoundError,
+    RewardError) carry a message that names the file or key, the value and the fix. A local worker's
+    failure is reduced to the failing rank and its exception line.
+    """
+    from vespo_megatron.runtime.local_workers import WorkerError
+    from vespo_megatron.tasks.base import RewardError
+
+    if isinstance(err, WorkerError):
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        head = lines[0].rstrip(":") if lines else "a worker failed"
+        last = lines[-1].strip() if len(lines) > 1 else ""
+        return f"{head}: {last}" if last else head
+    if isinstance(err, (ValueError, FileNotFoundError, RewardError)):
+        message = " ".join(str(err).split())  # one line
+        return f"{type(err).__name__}: {message}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return int(COMMANDS[argv[0]](argv[1:]) or 0)
+    try:
+        return int(COMMANDS[argv[0]](argv[1:]) or 0)
+    except Exception as err:  # noqa: BLE001 - user errors become one line; the rest re-raise
+        line = None if debug else user_error_line(err)
+        if line is None:
+            raise
+        print(f"vespo-megatron {argv[0]}: error: {line} (rerun with --debug or {DEBUG_ENV}=1 for the traceback)",
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

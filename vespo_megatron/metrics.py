@@ -51,35 +51,39 @@ def decode_record(record: dict[str, Any]) -> dict[str, Any]:
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (or of the run directory holding one), non-finite values as floats.
 
-    A truncated last line (a process killed mid-write) is skipped; a bad line elsewhere is an error.
+    A torn last line (a process killed mid-write) is dropped; any other line that is not a JSON object is
+    an error naming ``file:line``.
     """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(decode_record(json.loads(line)))
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number} is not a JSON object ({exc}); the file is corrupt") from exc
-    return records
+    return [decode_record(json.loads(line)) for line in _complete_lines(path)]
 
 
 def _complete_lines(path: Path) -> list[str]:
-    """The parseable lines of a JSONL file, each ending in a newline; a torn tail is dropped."""
+    """The JSON-object lines of a JSONL file, each ending in a newline.
+
+    Only the last line may be torn (unparseable, from a write cut short): it is dropped. An unparseable or
+    non-object line anywhere else raises ValueError with ``file:line``.
+    """
     if not path.exists():
         return []
+    lines = path.read_text().splitlines()
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
     kept = []
-    for line in path.read_text().splitlines():
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == last:
+                break
+            raise ValueError(f"{path}:{number + 1} is not valid JSON ({exc.msg} at column {exc.colno}); only a torn "
+                             "last line is skipped, so the file is corrupt: fix or delete that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{number + 1} is {type(record).__name__}, not a JSON object; fix or delete that line")
         kept.append(line + "\n")
     return kept
 

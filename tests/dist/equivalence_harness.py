@@ -89,11 +89,11 @@ def _rl_micro_batches(engine, ctx, config, head_kind, workdir, role):
     if head_kind == "vespo":
         rollout.old_logprob_sums = old
         micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
-        return micro, vespo_head(ctx, config, global_tokens, global_sequences)
+        return micro, vespo_head(ctx, config, global_tokens, global_sequences, NUM_MICRO_BATCHES)
     micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
     for batch, chunk in zip(micro, rows.split(config.train.micro_batch_size)):
         batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
-    return micro, token_loss_head(ctx, config, global_tokens, global_sequences)
+    return micro, token_loss_head(ctx, config, global_tokens, global_sequences, NUM_MICRO_BATCHES)
 
 
 def _sharded_state(engine):
@@ -168,7 +168,7 @@ def _step_worker(rank, world, overrides, workdir, role, compare_grads, head_kind
         micro, head, emit, key = _my_micro_batches(ctx), sft_loss_head, False, "sft/loss"
     else:
         (micro, head), emit, key = _rl_micro_batches(engine, ctx, config, head_kind, workdir, role), True, "loss/value"
-    reported = engine._run_schedule(micro, head, forward_only=False, emit_hidden_states=emit)
+    reported = engine.forward_backward(micro, head, emit)
     loss = engine.reduce_reported(reported)[key]
     if compare_grads:
         saved = _swap_grads_into_params(engine)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 RL = [
     "rollout.routing_replay=true", "rollout.prompts_per_step=2", "rollout.group_size=2",
-    "rl.num_minibatches=1", "train.global_batch_size=4", "train.micro_batch_size=2",
+    "rl.num_minibatches=1", "rl.shuffle_groups=true", "train.global_batch_size=4", "train.micro_batch_size=2",
 ]  # fmt: skip
 SEQ_LEN = 16
 
@@ -90,7 +90,7 @@ def _scenario(rank, world, overrides):
 
     from vespo_megatron.config import load_config
     from vespo_megatron.models.routing import routing_load_metrics, routing_recorder
-    from vespo_megatron.rl.step import _minibatch_rows, compute_old_logprobs, train_on_rollout
+    from vespo_megatron.rl.step import compute_old_logprobs, rollout_minibatches, train_on_rollout
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
@@ -116,7 +116,7 @@ def _scenario(rank, world, overrides):
     maps.reset()
 
     step = 3
-    (rows,) = _minibatch_rows(rollout, config.rl.num_minibatches, step, config.train.seed)
+    (rows,) = rollout_minibatches(rollout, config, step)
     out["permuted"] = not torch.equal(rows, rows_in_order)
     initial = _snapshot(engine)
 

@@ -24,7 +24,7 @@ def np_aggregate(loss, mask, mode, n_tok=None, n_seq=None):
     n_tok_local, n_seq_local = lengths.sum(), (lengths > 0).sum()
     if mode == "token-mean":
         return per_seq.sum() / (n_tok if n_tok is not None else n_tok_local)
-    if mode == "micro-token-mean":
+    if mode == "micro-token-mean":  # one micro-batch (no global micro-batch count passed)
         return per_seq.sum() / n_tok_local
     if mode == "seq-mean-token-sum":
         return per_seq.sum() / (n_seq if n_seq is not None else n_seq_local)
@@ -66,11 +66,12 @@ def _vespo_grad_over_split(logprobs, old, adv, mask, mode, splits):
     n_tok, n_seq = int(mask.sum()), int(mask.any(-1).sum())
     leaf = logprobs.detach().clone().requires_grad_(True)
     loss_fn = get_policy_loss("vespo")
-    for rows in torch.tensor_split(torch.arange(len(adv)), splits):
+    parts = torch.tensor_split(torch.arange(len(adv)), splits)
+    for rows in parts:
         inputs = PolicyLossInputs(logprobs=leaf[rows], old_logprobs=old[rows], advantages=adv[rows],
                                   response_mask=mask[rows])
         out = loss_fn(inputs)
-        aggregate_token_loss(out.token_loss, inputs.response_mask, mode, n_tok, n_seq).backward()
+        aggregate_token_loss(out.token_loss, inputs.response_mask, mode, n_tok, n_seq, len(parts)).backward()
     return leaf.grad
 
 
@@ -88,7 +89,7 @@ def test_gradient_independent_of_micro_batch_split(mode):
 
 
 def test_micro_token_mean_depends_on_the_split():
-    # Per-micro-batch normalisation reweights tokens by their micro-batch's size: shown for contrast.
+    # Per-micro-batch normalisation reweights tokens by their micro-batch's size: the split matters.
     _, mask = make_batch(seed=4)
     gen = torch.Generator().manual_seed(4)
     old = -torch.rand(mask.shape, generator=gen, dtype=torch.float64)
@@ -97,6 +98,28 @@ def test_micro_token_mean_depends_on_the_split():
     whole = _vespo_grad_over_split(logprobs, old, adv, mask, "micro-token-mean", 1)
     split = _vespo_grad_over_split(logprobs, old, adv, mask, "micro-token-mean", 4)
     assert not torch.allclose(whole, split)
+
+
+def test_micro_token_mean_is_the_mean_over_micro_batches_of_their_token_means():
+    # What Megatron computes for a per-micro-batch mean loss: (1/M) sum_m (sum of l in m / tokens in m).
+    token_loss, mask = make_batch(seed=5, batch=8)
+    parts = [[0, 1], [2, 3, 4], [5], [6, 7]]
+    loss_np, mask_np = token_loss.numpy(), mask.numpy()
+    expected = np.mean([np.where(mask_np[p], loss_np[p], 0).sum() / mask_np[p].sum() for p in parts])
+    got = sum(aggregate_token_loss(token_loss[p], mask[p], "micro-token-mean", global_num_micro_batches=len(parts))
+              for p in parts)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_each_loss_defaults_to_its_reference_aggregation():
+    from vespo_megatron.config import load_config
+
+    expected = {"vespo": "micro-token-mean", "grpo": "seq-mean-token-mean", "gspo": "seq-mean-token-mean",
+                "sapo": "seq-mean-token-mean", "cispo": "token-mean"}
+    for name, mode in expected.items():
+        assert load_config(None, [f"loss.name={name}"]).loss.aggregation_mode == mode
+        for chosen in AGGREGATION_MODES:
+            assert load_config(None, [f"loss.name={name}", f"loss.aggregation={chosen}"]).loss.aggregation_mode == chosen
 
 
 def test_bad_arguments():

@@ -123,6 +123,19 @@ def test_resume_without_truncate_drops_torn_line_and_appends(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
+def test_resume_and_truncate_refuse_a_corrupt_line_before_the_last(tmp_path):
+    write_run(tmp_path, steps=range(1, 4))
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], '{"step": 2, "reward', lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not valid JSON"):
+        with MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume=True) as logger:
+            logger.truncate_after(3)
+    path.write_text("\n".join([lines[0], "[1, 2]", lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is list, not a JSON object"):
+        read_metrics(path)
+
+
 def test_fresh_run_overwrites_old_metrics(tmp_path):
     write_run(tmp_path, steps=range(1, 6))
     write_run(tmp_path, steps=range(1, 3))

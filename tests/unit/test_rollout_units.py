@@ -240,6 +240,10 @@ def test_external_rollouts_pack_groups_and_wrap_around(tmp_path):
     (_line(sampler_logprobs=[-0.5, "nan"]), "finite numbers <= 0"),
     (_line(reward=None), "reward must be a finite number"),
     (_line(reward=True), "reward must be a finite number"),
+    (_line(response_tokens=[6, True]), "holds True; token ids must be integers.*true/false"),
+    (_line(prompt_tokens=[2, False]), "holds False; token ids must be integers"),
+    (_line(sampler_logprobs=[-0.5, False]), "holds False; log-probs must be finite.*true/false"),
+    (_line(response_tokens="63"), "response_tokens must be a JSON list"),
 ])
 def test_external_rollouts_name_file_and_line_of_a_bad_record(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -250,15 +254,78 @@ def test_external_rollouts_name_file_and_line_of_a_bad_record(tmp_path, bad, mes
 def test_external_rollouts_refuse_partial_groups_overlong_lines_empty_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="not whole groups of rollout.group_size=2"):
         _reader(tmp_path, [_line()] * 3)
-    with pytest.raises(ValueError, match=r"rollouts.jsonl:2: prompt \+ response is 12 tokens.*max_seq_length"):
-        _reader(tmp_path, [_line(), _line(prompt_tokens=[2] * 10)])
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:1: prompt \+ response is 12 tokens.*max_seq_length"):
+        _reader(tmp_path, [_line(response_tokens=[3] * 10, sampler_logprobs=[-0.1] * 10), _line()])
     with pytest.raises(ValueError, match="no rollouts in the file"):
         _reader(tmp_path, ["", "  "])
     with pytest.raises(FileNotFoundError, match="rollout.jsonl_path="):
         ExternalRollouts(tmp_path / "missing.jsonl", group_size=2, seq_length=8, pad_id=0, vocab_size=100)
 
 
+def test_external_rollouts_refuse_a_group_whose_lines_answer_different_prompts(tmp_path):
+    with pytest.raises(ValueError, match=r"rollouts.jsonl:4: prompt_tokens differ from line 3.*group_size=2"):
+        _reader(tmp_path, [_line(), _line(), _line(), _line(prompt_tokens=[2, 7])])
+    reader = _reader(tmp_path, [_line(), _line(), _line(prompt_tokens=[2, 7]), _line(prompt_tokens=[2, 7])])
+    assert reader.next_groups(2).sequences[:, :2].tolist() == [[2, 5], [2, 5], [2, 7], [2, 7]]
+
+
 def test_external_rollouts_refuse_a_checkpoint_of_another_file(tmp_path):
     reader = _reader(tmp_path, [_line()] * 4)
     with pytest.raises(ValueError, match="the file changed since the checkpoint"):
         reader.load_state_dict({"position": 2, "num_records": 6})
+
+
+# ------------------------------------------------------------------------------ mini-batch rows
+
+
+def test_minibatches_take_contiguous_whole_groups_by_default():
+    from vespo_megatron.rl.batch import minibatch_rows
+
+    parts = minibatch_rows(24, group_size=4, num_minibatches=3)
+    assert [p.tolist() for p in parts] == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+
+
+def test_shuffle_groups_permutes_groups_and_keeps_each_group_in_one_minibatch():
+    from vespo_megatron.rl.batch import minibatch_rows
+
+    group = 4
+    orders = set()
+    for seed in range(8):
+        parts = minibatch_rows(32, group_size=group, num_minibatches=4, shuffle_groups=True, seed=seed)
+        rows = torch.cat(parts)
+        assert sorted(rows.tolist()) == list(range(32))  # every row exactly once
+        for part in parts:
+            # each mini-batch is two whole groups, each group's rows consecutive and in order
+            blocks = part.view(-1, group)
+            assert torch.equal(blocks - blocks[:, :1], torch.arange(group).expand_as(blocks))
+            assert torch.equal(blocks[:, 0] % group, torch.zeros(len(blocks), dtype=torch.long))
+        orders.add(tuple(rows.tolist()))
+        again = torch.cat(minibatch_rows(32, group_size=group, num_minibatches=4, shuffle_groups=True, seed=seed))
+        assert torch.equal(rows, again)  # the seed fixes the order
+    assert len(orders) > 1  # and different seeds give different orders
+
+
+def test_more_minibatches_than_groups_splits_groups_over_consecutive_updates():
+    from vespo_megatron.rl.batch import minibatch_rows
+
+    parts = minibatch_rows(8, group_size=4, num_minibatches=4)
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="whole groups"):
+        minibatch_rows(10, group_size=4, num_minibatches=2)
+
+
+def test_rollout_minibatches_follow_the_config_and_vary_the_group_order_per_step():
+    from types import SimpleNamespace
+
+    from vespo_megatron.rl.step import rollout_minibatches
+
+    rollout = SimpleNamespace(size=16)
+
+    def config(shuffle):
+        return SimpleNamespace(rollout=SimpleNamespace(group_size=4), train=SimpleNamespace(seed=1),
+                               rl=SimpleNamespace(num_minibatches=2, shuffle_groups=shuffle))
+
+    fixed = [torch.cat(rollout_minibatches(rollout, config(False), step)).tolist() for step in range(4)]
+    assert fixed == [list(range(16))] * 4
+    shuffled = {tuple(torch.cat(rollout_minibatches(rollout, config(True), step)).tolist()) for step in range(6)}
+    assert len(shuffled) > 1

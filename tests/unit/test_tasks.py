@@ -306,3 +306,15 @@ def test_shipped_tokenizer_covers_arithmetic_prompts():
     for s in task.prompts().next_batch(50):
         ids = tok.encode(s.prompt + s.answer)
         assert tok.unk_id not in ids and len(ids) == len(s.prompt + s.answer)
+
+
+def test_prompt_values_must_be_strings_not_booleans_or_numbers(tmp_path):
+    from vespo_megatron.tasks.jsonl import load_jsonl
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": true, "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: 'prompt' is True \(bool\); it must be a JSON string"):
+        load_jsonl(path, ["prompt"], string_keys=["prompt"])
+    path.write_text('{"prompt": 12, "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:1: 'prompt' is 12 \(int\)"):
+        load_jsonl(path, ["prompt"], string_keys=["prompt"])

@@ -88,7 +88,12 @@ def parse_overrides(overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             _require(isinstance(node, dict), f"override {item!r} conflicts with another override")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(
+                f"override {item!r}: its value is not valid YAML ({problem}); quote it or fix it") from None
     return nested
 
 
@@ -102,6 +107,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML; a syntax error names the file, line and column instead of ``<unicode string>``."""
+    try:
+        with path.open(encoding="utf-8") as stream:  # a stream gives the marks the file's name
+            return yaml.safe_load(stream) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = " ".join(part for part in (err.context, err.problem) if part)
+        raise ConfigError(f"{where}: YAML syntax error ({problem}); fix the file at that line") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML error ({err}); fix the file") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
     data: dict = {}
@@ -109,7 +128,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path)
         _require(isinstance(data, dict), f"{path}: the top level must be a mapping of sections")
     return config_from_dict(_merge(data, parse_overrides(overrides or [])))
 

@@ -66,7 +66,9 @@ class ModelConfig:
     moe_shared_expert_intermediate_size: Optional[int] = None
     """Width of the always-on shared expert; None disables it."""
     moe_aux_loss_coeff: float = 1e-2
-    """Load-balancing auxiliary loss coefficient."""
+    """Load-balancing auxiliary loss coefficient: the aux-loss gradient is this times the mean over the
+    update's micro-batches of each micro-batch's Switch load-balancing loss gradient, whatever the response
+    lengths and layout."""
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     """How tokens reach experts across expert-parallel ranks."""
     moe_grouped_gemm: bool = False

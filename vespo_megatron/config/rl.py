@@ -18,8 +18,11 @@ class LossConfig:
 
     name: Literal["vespo", "grpo", "gspo", "sapo", "cispo"] = "vespo"
     """Loss from the registry (vespo_megatron.loss.policy); docs/loss.md has every formula."""
-    aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
-    """Normaliser over the whole update (all micro-batches, all data-parallel ranks)."""
+    aggregation: Optional[Literal["token-mean", "micro-token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]] = None
+    """How token losses become the update's scalar (docs/loss.md, Aggregation): token-mean over the update,
+    micro-token-mean (each micro-batch's token mean, averaged over the update's micro-batches),
+    seq-mean-token-mean or seq-mean-token-sum. None uses the loss's reference setting: micro-token-mean for
+    vespo, seq-mean-token-mean for grpo/gspo/sapo, token-mean for cispo."""
     chunk_size: int = 1024
     """Tokens whose vocabulary-parallel logits are materialised at once in the loss."""
     behaviour: Literal["recompute", "sampler"] = "recompute"
@@ -43,6 +46,13 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _require(self.chunk_size >= 1, f"loss.chunk_size={self.chunk_size} must be >= 1")
+
+    @property
+    def aggregation_mode(self) -> str:
+        """``aggregation``, or the loss's reference setting when it is None."""
+        from vespo_megatron.loss.aggregate import reference_aggregation
+
+        return self.aggregation or reference_aggregation(self.name)
 
     def params(self):
         """The selected loss's parameters, carrying ``loss.correction``."""
@@ -101,7 +111,12 @@ class RLConfig:
     """The RL loop: advantages, staleness and asynchrony."""
 
     num_minibatches: int = 1
-    """N: each rollout batch is split into N mini-batches applied in sequence (the staleness knob)."""
+    """N: each rollout batch is split into N mini-batches applied in sequence (the staleness knob). A
+    mini-batch takes contiguous whole groups (GRPO groups stay together) when N divides the groups per
+    data-parallel rank; with more mini-batches than groups a group spans consecutive updates."""
+    shuffle_groups: bool = False
+    """Permute the order of the groups (never the responses within a group) before the mini-batch split,
+    with a per-step seed; false keeps the sampling order."""
     async_lag: int = 0
     """Colocated mode: train on the rollout sampled async_lag RL steps earlier (simulated asynchrony)."""
     max_staleness: Optional[int] = None

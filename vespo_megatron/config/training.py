@@ -17,9 +17,11 @@ class OptimizerConfig:
     min_lr: float = 0.0
     """Floor of the decay schedule."""
     lr_warmup_steps: int = 0
-    """Linear warm-up, in optimizer steps."""
+    """Linear warm-up from 0 over this many optimizer updates (Megatron's schedule: update k runs at
+    lr * k / lr_warmup_steps, so the first at 0)."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
-    """Decay after warm-up, over train.steps."""
+    """Decay after warm-up, ending at min_lr after the run's train.steps x rl.num_minibatches optimizer
+    updates (supervised warm-up updates run at rl.sft_lr, outside the schedule)."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     adam_beta1: float = 0.9
@@ -52,7 +54,7 @@ class TrainConfig:
     """Batching and the length of a run."""
 
     steps: int = 10
-    """Optimizer steps (RL: one rollout per step, split into train.num_minibatches updates)."""
+    """Optimizer steps (RL: one rollout per step, split into rl.num_minibatches updates)."""
     global_batch_size: int = 8
     """Sequences per optimizer update, over all data-parallel ranks."""
     micro_batch_size: int = 2

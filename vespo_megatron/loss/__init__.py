@@ -4,7 +4,13 @@ Formulas and properties: docs/loss.md. Everything exported here is pure tensor m
 distributed log-prob and per-sequence all-reduce path lives in its own modules of this package.
 """
 
-from vespo_megatron.loss.aggregate import AGGREGATION_MODES, aggregate_sequence_loss, aggregate_token_loss
+from vespo_megatron.loss.aggregate import (
+    AGGREGATION_MODES,
+    REFERENCE_AGGREGATION,
+    aggregate_sequence_loss,
+    aggregate_token_loss,
+    reference_aggregation,
+)
 from vespo_megatron.loss.kernel import (
     LOG_RATIO_CLAMP,
     LOG_W_CLAMP,
@@ -35,6 +41,7 @@ from vespo_megatron.loss.policy import (
 
 __all__ = [
     "AGGREGATION_MODES",
+    "REFERENCE_AGGREGATION",
     "LOG_RATIO_CLAMP",
     "LOG_W_CLAMP",
     "POLICY_LOSSES",
@@ -51,6 +58,7 @@ __all__ = [
     "VespoParams",
     "aggregate_sequence_loss",
     "aggregate_token_loss",
+    "reference_aggregation",
     "clamp_log_w",
     "get_policy_loss",
     "phi_peak",

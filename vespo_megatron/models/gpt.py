@@ -98,9 +98,7 @@ def transformer_config(config: Config, vocab_size: int):
             moe_router_topk=model.moe_router_topk,
             moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_size,
             moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
-            # Megatron-Core >= 0.19 scales each rank's aux loss by its routed tokens * tp*cp itself, so
-            # one coefficient gives the same load-balancing gradient in every TP/CP layout.
-            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,  # rescaled per update: Engine.scale_moe_aux_loss
             moe_router_load_balancing_type="aux_loss",
             moe_token_dispatcher_type=model.moe_token_dispatcher,
             moe_grouped_gemm=model.moe_grouped_gemm,

@@ -4,7 +4,8 @@ A :class:`Rollout` is what one data-parallel rank sampled in one step (or read f
 engine's JSONL): right-padded sequences, where each response starts, the sampler's per-token log-probs,
 rewards and group advantages, and the old-policy log-prob sums computed right after sampling with the
 sampling weights (the behaviour policy mu of the VESPO weight). ``micro_batches`` turns a subset of its
-rows into the ``[b, s]`` dicts the Megatron schedule consumes, already split for context parallelism.
+rows into the ``[b, s]`` dicts the Megatron schedule consumes, already split for context parallelism;
+``minibatch_rows`` chooses those rows for each update (contiguous whole groups).
 """
 
 from __future__ import annotations
@@ -79,6 +80,25 @@ class Rollout:
         return cls(**state)
 
 
+def minibatch_rows(size: int, group_size: int, num_minibatches: int, shuffle_groups: bool = False,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """Row indices of each of the ``num_minibatches`` updates of a rollout of ``size`` rows.
+
+    The rollout's rows hold its groups one after another (``group_size`` responses per prompt); the rows
+    are split into equal contiguous parts, so every mini-batch holds whole groups whenever
+    ``num_minibatches`` divides the number of groups (more mini-batches than groups split each group over
+    consecutive updates). ``shuffle_groups`` first permutes the order of the groups with ``seed`` while
+    the rows of a group stay together.
+    """
+    if size % group_size or size % num_minibatches:
+        raise ValueError(f"{size} rows are not whole groups of {group_size} split into {num_minibatches} mini-batches")
+    groups = torch.arange(size // group_size)
+    if shuffle_groups:
+        groups = groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))]
+    rows = (groups.unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1)
+    return list(rows.chunk(num_minibatches))
+
+
 def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, ctx) -> list[dict]:
     """``[b, s]`` micro-batch dicts (CP-sharded) of ``rows``, with the per-sequence RL fields."""
     if len(rows) % micro_batch_size:
@@ -89,6 +109,7 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, c
     for chunk in rows.split(micro_batch_size):
         batch = causal_lm_batch(rollout.sequences[chunk], mask[chunk])
         batch["sampler_logprobs"] = rollout.sampler_logprobs[chunk][:, 1:].contiguous()
+        batch["rows"] = chunk  # rollout row of each sequence (named in error messages)
         batch["advantages"] = rollout.advantages[chunk].float()
         batch["response_lengths"] = rollout.response_lengths[chunk]
         batch["sampler_logprob_sums"] = sampler_sums[chunk].float()

@@ -76,6 +76,45 @@ def old_token_logprobs_head(ctx, temperature: float, chunk_size: int):
     return head
 
 
+class NonFiniteLogprobsError(ValueError):
+    """The policy's log-probs (or the old/sampler log-probs they are compared with) are NaN or infinite."""
+
+
+def _where(batch: dict, rows: torch.Tensor, label: str) -> str:
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ids = batch["rows"][rows].tolist() if "rows" in batch else rows.tolist()
+    return f"{label or 'RL update'}, rank {rank}, rollout rows {ids[:8]}"
+
+
+def check_finite_sums(batch: dict, label: str, **sums: torch.Tensor) -> None:
+    """Raise NonFiniteLogprobsError naming the update, rank and sequences when a per-sequence sum is not finite.
+
+    One reduction per tensor: cheap next to the forward pass it follows.
+    """
+    for name, value in sums.items():
+        bad = ~torch.isfinite(value.detach())
+        if bad.any():
+            raise NonFiniteLogprobsError(
+                f"{_where(batch, bad.nonzero().flatten(), label)}: {int(bad.sum())} non-finite {name}; the weights or "
+                "the input diverged (lower optimizer.lr, check the rollout's sampler_logprobs and loss.correction)")
+
+
+def check_policy_inputs(inputs: PolicyLossInputs, batch: dict, label: str) -> None:
+    """``inputs.validate`` on the training path, its error prefixed with the update, rank and sequences."""
+    try:
+        inputs.validate(allow_empty_rows=True)
+    except ValueError as err:
+        bad = torch.zeros(inputs.advantages.shape[0], dtype=torch.bool)
+        mask = inputs.response_mask.bool()
+        for value in (inputs.logprobs, inputs.old_logprobs, inputs.sampler_logprobs):
+            if value is not None:
+                bad |= (~torch.isfinite(value.detach()) & mask).any(dim=-1)
+        bad |= ~torch.isfinite(inputs.advantages.detach())
+        raise NonFiniteLogprobsError(f"{_where(batch, bad.nonzero().flatten(), label)}: {err}") from None
+
+
 def kl_penalty(logprob_sum: torch.Tensor, batch: dict, kl_coef: float) -> torch.Tensor:
     """Per-sequence KL-to-reference term ``kl_coef * sg(S - S_ref) * S`` (zero without a reference).
 
@@ -87,21 +126,28 @@ def kl_penalty(logprob_sum: torch.Tensor, batch: dict, kl_coef: float) -> torch.
     return kl_coef * (logprob_sum.detach() - batch["ref_logprob_sums"].to(logprob_sum.dtype)) * logprob_sum
 
 
-def _finish(loss, batch, global_tokens, reported, report_weight: float = 1.0):
+def _finish(loss, batch, global_tokens, reported, global_micro_batches: int, report_weight: float = 1.0):
     """Megatron's (loss_sum, num_tokens) pair plus the ``loss/value`` report.
 
-    ``report_weight`` is this rank's share of a replicated loss report: 1 when every rank of the CP
-    group holds the whole loss (VESPO), 1/cp when each holds the part of its own tokens (token losses),
-    so the reduction over DP x CP yields the update's loss either way.
+    ``loss`` is this micro-batch's share of the update's loss (its terms over the global normaliser), so
+    the update's loss is the sum of the shares. The engine reduces a report pair ``[value, weight]`` as
+    sum(value) / sum(weight) over micro-batches and DP x CP ranks; reporting ``[loss * n_micro, weight]``
+    turns that into the sum of the shares. ``report_weight`` is 1 when every rank of the CP group holds
+    the whole loss (VESPO) and 1/cp when each holds the part of its own tokens (token losses).
     """
     local_tokens = batch["loss_mask"].sum()
     loss_sum, num_tokens = rescale_for_global_normaliser(loss, local_tokens, global_tokens)
-    reported["loss/value"] = torch.stack([loss.detach().float(), torch.tensor(report_weight)])
+    reported["loss/value"] = torch.stack([loss.detach().float() * global_micro_batches, torch.tensor(report_weight)])
     return loss_sum, num_tokens, reported
 
 
-def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor):
-    """VESPO on the sequence-parallel path (docs/loss.md): ``-phi(W) A S_seq`` aggregated."""
+def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
+               global_micro_batches: int = 1, label: str = ""):
+    """VESPO on the sequence-parallel path (docs/loss.md): ``-phi(W) A S_seq`` aggregated.
+
+    The ``global_*`` counts are the update's normalisers over every micro-batch and data-parallel rank;
+    ``label`` (e.g. "RL step 3, update 2") prefixes the error raised on non-finite log-probs.
+    """
     loss_cfg, params = config.loss, config.loss.params()
     correction = loss_cfg.correction
     temperature = config.rollout.temperature
@@ -109,6 +155,9 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
     def head(output, batch, model):
         sums = _sequence_sums(output, batch, model, ctx, temperature, loss_cfg.chunk_size)
         old = batch["old_logprob_sums"]
+        check_finite_sums(batch, label, **{"policy log-prob sums": sums, "old log-prob sums": old,
+                                           "sampler log-prob sums": batch["sampler_logprob_sums"],
+                                           "advantages": batch["advantages"]})
         ones = torch.ones_like(old).unsqueeze(1)
         term, keep = kernel.train_inference_log_correction(
             old.unsqueeze(1), batch["sampler_logprob_sums"].unsqueeze(1), ones, correction.mode, "sequence",
@@ -119,8 +168,8 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
         lengths = batch["response_lengths"]
         seq_loss, _ = vespo_sequence_loss(sums, log_w, advantages, params, keep, lengths)
         seq_loss = seq_loss + kl_penalty(sums, batch, config.rl.kl_coef)
-        loss = aggregate_sequence_loss(seq_loss, lengths.to(seq_loss.dtype), loss_cfg.aggregation,
-                                       global_tokens, global_sequences)
+        loss = aggregate_sequence_loss(seq_loss, lengths.to(seq_loss.dtype), loss_cfg.aggregation_mode,
+                                       global_tokens, global_sequences, global_micro_batches)
         phi = kernel.vespo_phi(log_w, advantages, params.k_pos, params.lambda_pos, params.k_neg, params.lambda_neg)
         reported = {
             "seq/log_w": kernel.clamp_log_w(log_w),
@@ -130,16 +179,25 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
             "seq/logprob_sum": sums.detach(),
             "seq/old_logprob_sum": old,
         }
-        return _finish(loss, batch, global_tokens, reported)
+        return _finish(loss, batch, global_tokens, reported, global_micro_batches)
 
     return head
 
 
-def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor):
-    """A token-level baseline from the registry on per-token log-probs."""
+def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
+                    global_micro_batches: int = 1, label: str = ""):
+    """A token-level baseline from the registry on per-token log-probs (normalisers as in :func:`vespo_head`)."""
+    import dataclasses
+
     loss_cfg, params = config.loss, config.loss.params()
     policy = get_policy_loss(loss_cfg.name)
     temperature = config.rollout.temperature
+    correction = loss_cfg.correction
+    # Under CP a rank holds part of each sequence: a sequence-level correction needs the whole sequence's
+    # log-ratio, taken from the per-sequence sums the batch carries (the outer clamp only, as for VESPO).
+    sequence_weight_from_sums = ctx.cp > 1 and correction.mode != "none" and correction.level == "sequence"
+    if sequence_weight_from_sums:
+        params = dataclasses.replace(params, correction=dataclasses.replace(correction, mode="none"))
 
     def head(output, batch, model):
         logprobs = _token_logprobs(output, batch, model, ctx, temperature, loss_cfg.chunk_size)
@@ -151,11 +209,21 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
             response_mask=mask,
             sampler_logprobs=batch["sampler_logprobs"],
         )
+        check_policy_inputs(inputs, batch, label)
         out = policy(inputs, params)
+        token_loss = out.token_loss
+        if sequence_weight_from_sums:
+            old_sums = batch["old_logprob_sums"]
+            term, keep = kernel.train_inference_log_correction(
+                old_sums.unsqueeze(1), batch["sampler_logprob_sums"].unsqueeze(1),
+                torch.ones_like(old_sums).unsqueeze(1),
+                correction.mode, "sequence", correction.tis_threshold, correction.mis_lower, correction.mis_upper,
+            )
+            token_loss = token_loss * (term.exp() * keep.to(term.dtype)).unsqueeze(1).to(token_loss.dtype)
         lengths = batch["response_lengths"]
-        seq_loss = out.token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)
-        loss = aggregate_sequence_loss(seq_loss, lengths.to(out.token_loss.dtype),
-                                       loss_cfg.aggregation, global_tokens, global_sequences)
+        seq_loss = token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)
+        loss = aggregate_sequence_loss(seq_loss, lengths.to(token_loss.dtype), loss_cfg.aggregation_mode,
+                                       global_tokens, global_sequences, global_micro_batches)
         log_ratio = ((logprobs.detach() - batch["old_logprobs"]) * mask).sum(dim=1)
         reported = {
             "seq/log_w": log_ratio,
@@ -165,6 +233,6 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
         for name, value in out.metrics.items():
             if name.endswith("clip_frac") or name.endswith("_frac"):
                 reported[name] = torch.tensor([float(value), 1.0])
-        return _finish(loss, batch, global_tokens, reported, 1.0 / ctx.cp)
+        return _finish(loss, batch, global_tokens, reported, global_micro_batches, 1.0 / ctx.cp)
 
     return head

@@ -251,6 +251,7 @@ def run_step(runner: Runner) -> Optional[dict]:
     norms = [r.grad_norm for r in results if r.grad_norm is not None]
     metrics["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
     metrics["lr"] = results[-1].lr
+    metrics["train/skipped_updates"] = float(sum(r.skipped for r in results))  # non-finite gradients: no update
     metrics["staleness/policy_lag"] = float(version_before - rollout.behaviour_version)
     metrics.update(runner.staleness.step_metrics())
     metrics["time/train"] = sum(r.seconds["forward_backward"] for r in results)

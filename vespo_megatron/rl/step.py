@@ -4,8 +4,9 @@
 scores them and computes group advantages, then evaluates the old-policy log-probs with the weights
 that sampled them (they are the behaviour policy mu of the VESPO weight, also when the rollout is
 trained on K updates later). :func:`train_on_rollout` splits a rollout into ``rl.num_minibatches``
-mini-batches and applies one optimizer update per mini-batch: the first sees ``log W = 0`` (on-policy
-when K = 0), later ones an increasingly stale behaviour policy.
+mini-batches of whole groups (contiguous; ``rl.shuffle_groups`` permutes the groups first) and applies
+one optimizer update per mini-batch: the first sees ``log W = 0`` (on-policy when K = 0), later ones an
+increasingly stale behaviour policy.
 """
 
 from __future__ import annotations
@@ -18,13 +19,8 @@ import torch.distributed as dist
 
 from vespo_megatron.models.routing import routing_recorder
 from vespo_megatron.rl.advantages import group_advantages, informative_groups
-from vespo_megatron.rl.batch import Rollout, micro_batches
-from vespo_megatron.rl.heads import (
-    old_logprob_sums_head,
-    old_token_logprobs_head,
-    token_loss_head,
-    vespo_head,
-)
+from vespo_megatron.rl.batch import Rollout, micro_batches, minibatch_rows
+from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
 from vespo_megatron.rollout.decode import sample
 from vespo_megatron.train.batches import context_parallel_chunks
 
@@ -232,9 +228,10 @@ def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:
     }
 
 
-def _minibatch_rows(rollout: Rollout, num_minibatches: int, step: int, seed: int) -> list[torch.Tensor]:
-    order = torch.randperm(rollout.size, generator=torch.Generator().manual_seed(seed + 7919 * step))
-    return list(order.chunk(num_minibatches))
+def rollout_minibatches(rollout: Rollout, config, step: int) -> list[torch.Tensor]:
+    """This step's mini-batch rows: contiguous whole groups, in a per-step order with ``rl.shuffle_groups``."""
+    return minibatch_rows(rollout.size, config.rollout.group_size, config.rl.num_minibatches,
+                          config.rl.shuffle_groups, seed=config.train.seed + 7919 * step)
 
 
 def train_on_rollout(runner, rollout: Rollout, step: int) -> list:
@@ -242,19 +239,21 @@ def train_on_rollout(runner, rollout: Rollout, step: int) -> list:
     cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
     recorder = routing_recorder(engine)  # MoE: per-expert load counts, and replay of recorded experts
     results = []
-    for rows in _minibatch_rows(rollout, cfg.rl.num_minibatches, step, cfg.train.seed):
+    for update, rows in enumerate(rollout_minibatches(rollout, cfg, step)):
+        label = f"RL step {step}, update {update}"
         lengths = rollout.response_lengths[rows]
         tokens, sequences = _dp_sum([lengths.sum().item(), (lengths > 0).sum().item()], ctx)
         global_tokens = torch.tensor(max(tokens, 1.0))
         global_sequences = torch.tensor(max(sequences, 1.0))
         micro = micro_batches(rollout, rows, cfg.train.micro_batch_size, ctx)
+        global_micro = len(micro) * ctx.dp  # every DP rank runs the same number of micro-batches
         if cfg.loss.name == "vespo":
-            head = vespo_head(ctx, cfg, global_tokens, global_sequences)
+            head = vespo_head(ctx, cfg, global_tokens, global_sequences, global_micro, label)
         else:
             old = rollout.old_token_logprobs
             for batch, chunk in zip(micro, rows.split(cfg.train.micro_batch_size)):
                 batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
-            head = token_loss_head(ctx, cfg, global_tokens, global_sequences)
+            head = token_loss_head(ctx, cfg, global_tokens, global_sequences, global_micro, label)
         with recorder.training_pass(micro) if recorder is not None else nullcontext():
             results.append(engine.train_step(micro, head, emit_hidden_states=True))
     return results

@@ -35,14 +35,23 @@ class ExternalBatch:
 def _parse_line(raw: str, where: str, vocab_size: int) -> dict:
     record = parse_jsonl_record(raw, where, REQUIRED_KEYS)
     prompt, response, logprobs = record["prompt_tokens"], record["response_tokens"], record["sampler_logprobs"]
+    for key in ("prompt_tokens", "response_tokens", "sampler_logprobs"):
+        if not isinstance(record[key], list):
+            raise ValueError(f"{where}: {key} must be a JSON list, got {type(record[key]).__name__}")
     if not prompt or not response:
         raise ValueError(f"{where}: prompt_tokens and response_tokens must be non-empty")
     if len(logprobs) != len(response):
         raise ValueError(f"{where}: sampler_logprobs has {len(logprobs)} values for {len(response)} response tokens")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt + response):
-        raise ValueError(f"{where}: token ids must be integers in [0, {vocab_size})")
-    if any(not isinstance(v, (int, float)) or not math.isfinite(v) or v > 0 for v in logprobs):
-        raise ValueError(f"{where}: sampler_logprobs must be finite numbers <= 0")
+    for key in ("prompt_tokens", "response_tokens"):
+        bad = [t for t in record[key] if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{where}: {key} holds {bad[0]!r}; token ids must be integers in [0, {vocab_size}) "
+                             "(true/false are not token ids)")
+    bad = [v for v in logprobs
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > 0]
+    if bad:
+        raise ValueError(f"{where}: sampler_logprobs holds {bad[0]!r}; log-probs must be finite numbers <= 0 "
+                         "(true/false are not log-probs)")
     reward = record["reward"]
     if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
         raise ValueError(f"{where}: reward must be a finite number, got {reward!r}")
@@ -64,6 +73,14 @@ class ExternalRollouts:
             raise ValueError(
                 f"{self.path}: {len(self.records)} lines are not whole groups of rollout.group_size={group_size}"
             )
+        for start in range(0, len(self.records), group_size):
+            first = self.records[start]["prompt_tokens"]
+            for offset in range(1, group_size):
+                if self.records[start + offset]["prompt_tokens"] != first:
+                    raise ValueError(
+                        f"{self.path}:{lines[start + offset][0]}: prompt_tokens differ from line {lines[start][0]}, "
+                        f"which starts its group; each group is rollout.group_size={group_size} consecutive lines "
+                        "answering one prompt (reorder the file or fix rollout.group_size)")
         for (n, _), record in zip(lines, self.records):
             total = len(record["prompt_tokens"]) + len(record["response_tokens"])
             if total > seq_length + 1:

@@ -30,8 +30,12 @@ def parse_jsonl_record(line: str, where: str, required_keys: Sequence[str] = ())
     return record
 
 
-def load_jsonl(path: str | Path, required_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Records of a JSONL file, one JSON object a line (blank lines skipped); errors name the file and line."""
+def load_jsonl(path: str | Path, required_keys: Sequence[str] = (), string_keys: Sequence[str] = ()
+               ) -> list[dict[str, Any]]:
+    """Records of a JSONL file, one JSON object a line (blank lines skipped); errors name the file and line.
+
+    The values of ``string_keys`` must be JSON strings (a number or true/false there is an error).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL prompt file {str(path)!r} does not exist")
@@ -40,7 +44,12 @@ def load_jsonl(path: str | Path, required_keys: Sequence[str] = ()) -> list[dict
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            records.append(parse_jsonl_record(line, f"{path}:{line_no}", required_keys))
+            record = parse_jsonl_record(line, f"{path}:{line_no}", required_keys)
+            for key in string_keys:
+                if key in record and not isinstance(record[key], str):
+                    raise ValueError(f"{path}:{line_no}: {key!r} is {record[key]!r} ({type(record[key]).__name__}); "
+                                     "it must be a JSON string")
+            records.append(record)
     if not records:
         raise ValueError(f"JSONL prompt file {str(path)!r} holds no records; it needs at least one JSON object line")
     return records
@@ -139,7 +148,8 @@ class _JsonlTaskBase(Task):
 
     def _load(self, answer_key: str | None, require_answer: bool) -> list[Sample]:
         required = [self.prompt_key] + ([answer_key] if require_answer and answer_key else [])
-        return records_to_samples(load_jsonl(self.path, required), self.prompt_key, answer_key)
+        return records_to_samples(load_jsonl(self.path, required, string_keys=[self.prompt_key]), self.prompt_key,
+                                  answer_key)
 
     def prompts(self) -> EpochStream:
         return EpochStream(self.samples, seed=self.seed, shuffle=self.shuffle, source=str(self.path))

@@ -82,11 +82,16 @@ def _optimizer(config: Config, chunks: list):
     return get_megatron_optimizer(mconfig, chunks, use_gloo_process_groups=False)
 
 
+def total_updates(config: Config) -> int:
+    """Optimizer updates of the RL run (``train.steps`` rollouts x ``rl.num_minibatches``): the schedule's length."""
+    return config.train.steps * config.rl.num_minibatches
+
+
 def _scheduler(config: Config, optimizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt = config.optimizer
-    steps = max(config.train.steps, 1)
+    steps = max(total_updates(config), 1)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if opt.lr_warmup_steps else opt.lr,
@@ -168,17 +173,21 @@ class Engine:
                    lr: Optional[float] = None) -> StepResult:
         """Forward/backward over ``micro_batches`` (this rank's share), then one optimizer step.
 
-        ``lr`` overrides the schedule for this step (supervised warm-up) and leaves the schedule as it is.
+        ``lr`` overrides the schedule for this step (supervised warm-up) and leaves the schedule as it is;
+        without it the schedule's current learning rate is re-applied first, so an override never leaks
+        into the next scheduled update. ``StepResult.lr`` is the rate this update used.
         """
-        if lr is not None:
+        if lr is None:
+            self.scheduler.step(increment=0)  # sets every group's lr from the schedule at this update
+        else:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+        used_lr = float(self.optimizer.param_groups[0]["lr"])
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         started = time.perf_counter()
-        reported = self._run_schedule(micro_batches, loss_head, forward_only=False,
-                                      emit_hidden_states=emit_hidden_states)
+        reported = self.forward_backward(micro_batches, loss_head, emit_hidden_states)
         backward_done = time.perf_counter()
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok and lr is None:
@@ -190,9 +199,49 @@ class Engine:
             reported=reported,
             grad_norm=None if grad_norm is None else float(grad_norm),
             skipped=not update_ok,
-            lr=self.optimizer.param_groups[0]["lr"],
+            lr=used_lr,
             seconds={"forward_backward": backward_done - started, "optimizer": finished - backward_done},
         )
+
+    def forward_backward(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = False
+                         ) -> list[dict]:
+        """The schedule with backward (gradients accumulate into the DDP buffers and are finalised)."""
+        self.scale_moe_aux_loss(micro_batches)
+        return self._run_schedule(micro_batches, loss_head, forward_only=False, emit_hidden_states=emit_hidden_states)
+
+    def scale_moe_aux_loss(self, micro_batches: list[dict]) -> None:
+        """Set the routers' aux-loss coefficient for this update so its effective value is the configured one.
+
+        With per-token loss scaling, Megatron's router multiplies each micro-batch's load-balancing loss
+        by the tokens it routes and expects ``finalize_model_grads`` to divide by the same count, which
+        leaves the aux gradient as the mean over the update's micro-batches (and DP ranks) of each
+        micro-batch's aux-loss gradient. Our loss heads return loss tokens (response or answer tokens)
+        instead, so the division is by ``N_loss`` and the aux gradient comes out ``routed / N_loss`` times
+        too large. The coefficient is therefore scaled by ``N_loss / routed`` (both over the whole update:
+        all micro-batches, all DP x CP ranks). No other layout factor is needed: the router pre-multiplies
+        by its local tokens times the TP x CP size, i.e. the micro-batch's routed tokens, on every layout
+        (tests/dist/test_moe_aux_loss.py checks the gradient against float64 on 1 process, TP2+SP, CP2, EP2).
+        """
+        import torch.distributed as dist
+
+        model = self.config.model
+        if not model.is_moe:
+            return
+        if model.moe_aux_loss_coeff == 0:
+            self.built.tconfig.moe_aux_loss_coeff = 0.0
+            return
+        loss_tokens = torch.tensor([sum(float(b["loss_mask"].sum()) for b in micro_batches)], dtype=torch.float64)
+        if self.ctx.dp * self.ctx.cp > 1:
+            dist.all_reduce(loss_tokens, group=self.ctx.dp_cp_group)
+        tokens = micro_batches[0]["tokens"]
+        routed = len(micro_batches) * self.ctx.dp * tokens.shape[0] * tokens.shape[1] * self.ctx.cp
+        self.built.tconfig.moe_aux_loss_coeff = model.moe_aux_loss_coeff * max(float(loss_tokens), 1.0) / routed
+
+    def close(self) -> None:
+        """Release what this engine left in Megatron's process-wide state (MoE trackers, aux-loss scales)."""
+        from vespo_megatron.runtime.global_state import reset_megatron_globals
+
+        reset_megatron_globals()
 
     def forward_only(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = True
                      ) -> list[dict]:
@@ -233,9 +282,14 @@ class Engine:
 def build_engine(config: Config, ctx: ParallelContext, vocab_size: int, hf_weights: bool = True) -> Engine:
     """Model chunks for this rank, wrapped for data parallelism, with optimizer and LR schedule.
 
-    With ``model.hf_path`` set and ``hf_weights`` true the chunks start from that folder's weights
+    Megatron's process-wide state left by an earlier engine in this process is cleared first
+    (runtime/global_state.py), so engines built one after another behave as in a fresh process. With
+    ``model.hf_path`` set and ``hf_weights`` true the chunks start from that folder's weights
     (:func:`vespo_megatron.models.hf.load_hf_weights`); a run about to resume passes False.
     """
+    from vespo_megatron.runtime.global_state import reset_megatron_globals
+
+    reset_megatron_globals()
     built = build_model(config, vocab_size)
     if config.model.hf_path and hf_weights:
         from vespo_megatron.models.hf import load_hf_weights
