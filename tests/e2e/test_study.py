@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_quick_study_writes_table_json_and_plots(tmp_path, capsys):
     out = tmp_path / "study"
-    assert main(["staleness", "--quick", "--task", "arithmetic", "--warmup-steps", "4", "--eval-prompts", "8",
+    assert main(["staleness", "--quick", "--task", "arithmetic", "--warmup-steps", "4", "--eval-prompts", "8", "--lr", "2e-4",
                  "--out", str(out), "--json"]) == 0
     result = json.loads((out / "staleness.json").read_text())
     cells = result["cells"]
@@ -36,6 +36,10 @@ def test_quick_study_writes_table_json_and_plots(tmp_path, capsys):
     assert config["rollout"]["prompts_per_step"] == 8 and config["rl"]["num_minibatches"] == 4
     assert config["train"]["global_batch_size"] == 16 and config["train"]["steps"] == 1
     assert len({c["first_reward"] for c in cells}) == 1, "cells did not start from the same warm start"
+    # Every update ran at the study's lr, not at the warm-up's (rl.sft_lr) that the warm start saved.
+    for cell in cells:
+        lrs = [json.loads(line)["lr"] for line in (Path(cell["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert lrs and all(lr == pytest.approx(2e-4) for lr in lrs), (cell["variant"], cell["N"], lrs)
     vespo = [c for c in cells if c["variant"] == "vespo"]
     assert all(math.isfinite(c["phi"]["vespo/phi_mean"]) and math.isfinite(c["phi"]["vespo/ess"]) for c in vespo)
     table = (out / "staleness.md").read_text()

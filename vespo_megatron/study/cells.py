@@ -9,10 +9,11 @@ processes and resumed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
-from vespo_megatron.study.plan import Plan, cell_overrides, unit_overrides
+from vespo_megatron.study.plan import WARMUP_LR, Plan, cell_overrides, unit_overrides
 from vespo_megatron.study.summary import refresh, summarise
 
 
@@ -33,7 +34,7 @@ def warm_start(plan: Plan, config_path: str, model: str, seed: int) -> dict:
         return json.loads(info_path.read_text())
     m = plan.minibatch_sequences
     config = load_config(config_path, unit_overrides(plan, model, seed) + [
-        f"train.micro_batch_size={m}", f"train.global_batch_size={m}", f"optimizer.lr={plan.lrs[0]}"])
+        f"train.micro_batch_size={m}", f"train.global_batch_size={m}", f"optimizer.lr={WARMUP_LR}"])
     runner = build_runner(config)
     started = time.perf_counter()
     losses = supervised_warmup(runner, plan.warmup_steps)
@@ -58,8 +59,11 @@ def run_cell(plan: Plan, config_path: str, model: str, seed: int, variant: str, 
     if summary_path.is_file():
         return refresh(json.loads(summary_path.read_text()), plan.updates)
     config = load_config(config_path, cell_overrides(plan, model, seed, variant, n, lr))
-    runner = build_runner(config)
+    # Built at the warm start's lr so its Adam state loads (Megatron matches parameter groups by lr), then
+    # the schedule restarts at the cell's lr.
+    runner = build_runner(dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, lr=WARMUP_LR)))
     load_checkpoint(runner.engine, latest_checkpoint(plan.unit_dir(model, seed) / "warm_start"))
+    runner.engine.restart_schedule(lr)
     runner.step = 0
     started = time.perf_counter()
     per_update = []

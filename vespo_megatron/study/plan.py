@@ -34,12 +34,21 @@ MODELS = {
 }
 TASKS = {
     # Step-by-step multi-operand arithmetic: responses of tens of tokens (docs/tasks.md).
-    "chain": ["task.name=chain", "model.max_seq_length=128", "rollout.max_new_tokens=96"],
+    "chain": ["task.name=chain", "model.max_seq_length=64", "rollout.max_new_tokens=48"],
     # One-line sums: 1-4 token answers (the earlier toy).
     "arithmetic": ["task.name=arithmetic", "model.max_seq_length=16", "rollout.max_new_tokens=4"],
 }
+TASK_OPTIONS = {
+    # Four operands in 0..20 with worked steps: responses of about 20-30 tokens that the tiny model can
+    # learn to write out in a short warm-up (docs/tasks.md has the figures).
+    "chain": {"min_operands": 4, "max_operands": 4, "max_operand": 20, "operators": "+"},
+    "arithmetic": {"max_operand": 9, "operators": "+"},
+}
+WARMUP_LR = 3e-3
+"""Learning rate of the supervised warm-up (its checkpoint carries this schedule; cells restart their own)."""
 BASE_OVERRIDES = [
     "parallel.tp=1",
+    f"rl.sft_lr={WARMUP_LR}",
     "logging.tensorboard=false",
     "logging.progress_bar=false",
     "checkpoint.dir=null",
@@ -104,7 +113,7 @@ def _options_override(options: dict) -> str:
 
 def unit_overrides(plan: Plan, model: str, seed: int) -> list[str]:
     """Overrides shared by a (model, seed): model, task (its prompt stream seeded by the study seed), seeds."""
-    options = dict(plan.task_options, seed=11 + seed)
+    options = dict(TASK_OPTIONS[plan.task], **plan.task_options, seed=11 + seed)
     return BASE_OVERRIDES + TASKS[plan.task] + MODELS[model] + [
         _options_override(options), f"train.seed={1234 + 1000 * seed}", f"rollout.group_size={plan.group_size}",
         f"rl.eval_prompts={plan.eval_prompts}",

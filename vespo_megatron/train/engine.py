@@ -10,6 +10,8 @@ without backward (old-policy and reference log-probs).
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -136,6 +138,22 @@ class Engine:
     @property
     def num_parameters_local(self) -> int:
         return count_parameters(self.chunks)
+
+    def restart_schedule(self, lr: Optional[float] = None) -> None:
+        """Start the learning-rate schedule afresh at the next update, peaking at ``lr`` (default optimizer.lr).
+
+        A checkpoint restores the schedule it was saved with (Megatron keeps the checkpoint's lr over the
+        config's), and Megatron's optimizer only loads Adam state into parameter groups of the same lr. A
+        run that takes a checkpoint's weights and Adam state as its starting point, like every cell of the
+        staleness study, builds with the checkpoint's lr, loads, then calls this with its own lr.
+        """
+        config = self.config
+        if lr is not None:
+            config = dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, lr=lr))
+            for group in self.optimizer.param_groups:  # Megatron's scheduler prefers a group's own peak lr
+                if "max_lr" in group:
+                    group["max_lr"] = lr
+        self.scheduler = _scheduler(config, self.optimizer)
 
     def freeze_reference(self) -> None:
         """Snapshot the current weights into frozen, gradient-free model chunks (the KL reference)."""
