@@ -90,6 +90,10 @@ class RolloutConfig:
     encodes it (the stop token always ends it)."""
     parallel: RolloutParallelConfig = field(default_factory=RolloutParallelConfig)
     """Layout of the rollout workers when parallel.rollout_ranks > 0 (disaggregated mode)."""
+    sampler_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Precision of the sampling forward passes: 'bf16' runs them under bf16 autocast while the trainer
+    (old log-probs, updates) stays in model.dtype, the train/inference mismatch of a bf16 inference engine
+    beside an fp32 trainer; loss.correction (TIS/MIS) then covers the gap between the two log-probs."""
 
     def __post_init__(self) -> None:
         _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")

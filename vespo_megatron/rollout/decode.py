@@ -352,6 +352,14 @@ def sample(engine, prompts: list[list[int]], settings: RolloutConfig, **kwargs) 
     (the trainer then records the routing of its own behaviour pass).
     """
     record = kwargs.pop("record_routing", False)
-    if settings.engine == "kv" and engine.ctx.cp == 1:
-        return decode(engine, prompts, settings, record_routing=record, **kwargs)
-    return generate(engine, prompts, settings, **kwargs)
+    with sampler_precision(engine, settings.sampler_dtype):
+        if settings.engine == "kv" and engine.ctx.cp == 1:
+            return decode(engine, prompts, settings, record_routing=record, **kwargs)
+        return generate(engine, prompts, settings, **kwargs)
+
+
+def sampler_precision(engine, dtype: str):
+    """bf16 autocast around the sampling passes when ``rollout.sampler_dtype`` is 'bf16', else nothing."""
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=engine.ctx.device.type, dtype=torch.bfloat16)
