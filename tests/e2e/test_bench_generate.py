@@ -23,7 +23,8 @@ def test_bench_generate_json(capsys):
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
     assert [r["length"] for r in rows] == [24, 40]
     for r in rows:
-        for key in ("kv_tokens_per_s", "recompute_tokens_per_s", "hf_tokens_per_s", "peak_rss_mib"):
+        for key in ("kv_tokens_per_s", "recompute_tokens_per_s", "hf_tokens_per_s", "kv_tokens_per_cpu_s",
+                    "recompute_tokens_per_cpu_s", "hf_tokens_per_cpu_s", "peak_rss_mib"):
             assert math.isfinite(r[key]) and r[key] > 0, key
         # 2 (K, V) x 2 layers x 3 sequences x (L - 1) cached positions x 2 KV heads x head dim 16 x 4 bytes
         assert r["kv_cache_bytes"] == 2 * 2 * 3 * (r["length"] - 1) * 2 * 16 * 4

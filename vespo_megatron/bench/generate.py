@@ -15,8 +15,9 @@ stop token is disabled so every sequence runs to the end), greedily, three ways:
   otherwise null). ``hf_max_logit_diff`` (prompt logits of the two models) and ``hf_same_tokens``
   (greedy continuations equal) show the copy is faithful.
 
-Figures per length: tokens per second (new tokens of all sequences / wall seconds), the KV-cache bytes
-the decoder allocated (``2 x layers x batch x cached positions x kv_heads x head_dim x bytes``, with
+Figures per length: tokens per second (new tokens of all sequences / wall seconds) and per CPU second of
+the worker process (``time.process_time``: on a shared machine far less disturbed by other load than wall
+time), the KV-cache bytes the decoder allocated (``2 x layers x batch x cached positions x kv_heads x head_dim x bytes``, with
 ``cached positions = L - 1``: the last token is sampled, never fed), and the worker's peak resident set
 right after the KV decode (model, cache and activations; the later passes are not included).
 """
@@ -37,6 +38,21 @@ MIB = 1024**2
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_dense_cpu.yaml"
 RESET = ["parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=1", "parallel.vpp=null",
          "parallel.cp=1", "parallel.ep=1", "parallel.etp=null", "train.seq_length=null"]  # fmt: skip
+
+
+class _Timer:
+    """Wall and process CPU seconds of a block (CPU time is far less disturbed by other load)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def rates(self, name: str, tokens: int) -> dict:
+        return {f"{name}_tokens_per_s": tokens / self.wall, f"{name}_tokens_per_cpu_s": tokens / self.cpu,
+                f"{name}_seconds": self.wall}
 
 
 def _peak_rss_mib() -> float:
@@ -104,30 +120,29 @@ def _measure(rank, world, config_path, overrides, length, batch, prompt_length, 
     # Greedy over the whole padded vocabulary, as transformers' generate does.
     common = dict(seq_length=length, eos_id=-1, pad_id=0, greedy=True, vocab_size=None)
     settings = dataclasses.replace(config.rollout, max_new_tokens=new_tokens)
-    started = time.perf_counter()
-    kv = decode(engine, prompts, settings, generator=torch.Generator().manual_seed(1), **common)
-    kv_seconds = time.perf_counter() - started
+    with _Timer() as timer:
+        kv = decode(engine, prompts, settings, generator=torch.Generator().manual_seed(1), **common)
     row = {"length": length, "batch": batch, "prompt_length": prompt_length, "new_tokens": new_tokens,
-           "kv_tokens_per_s": batch * new_tokens / kv_seconds, "kv_seconds": kv_seconds,
            "kv_cache_bytes": kv.kv_cache_bytes, "peak_rss_mib": _peak_rss_mib()}
-    row["recompute_tokens_per_s"] = None
+    row.update(timer.rates("kv", batch * new_tokens))
+    row.update(recompute_tokens_per_s=None, recompute_tokens_per_cpu_s=None)
     if recompute_steps > 0:
         steps = min(recompute_steps, new_tokens)
-        started = time.perf_counter()
-        generate(engine, prompts, dataclasses.replace(settings, max_new_tokens=steps),
-                 generator=torch.Generator().manual_seed(1), **common)
-        row["recompute_tokens_per_s"] = batch * steps / (time.perf_counter() - started)
-    row["hf_tokens_per_s"] = None
+        with _Timer() as timer:
+            generate(engine, prompts, dataclasses.replace(settings, max_new_tokens=steps),
+                     generator=torch.Generator().manual_seed(1), **common)
+        row.update(timer.rates("recompute", batch * steps))
+    row.update(hf_tokens_per_s=None, hf_tokens_per_cpu_s=None)
     hf = hf_llama_copy(engine, config) if with_hf else None
     if hf is not None:
         ids = torch.tensor(prompts)
         with torch.no_grad():
             ours_hidden = _prompt_logits(engine, ids)
             row["hf_max_logit_diff"] = float((hf(ids).logits[:, -1].float() - ours_hidden).abs().max())
-            started = time.perf_counter()
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
-            row["hf_tokens_per_s"] = batch * new_tokens / (time.perf_counter() - started)
+            with _Timer() as timer:
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+            row.update(timer.rates("hf", batch * new_tokens))
         ours = kv.sequences[:, :length]
         row["hf_same_tokens"] = float((out[:, :length] == ours).float().mean())
     return row
@@ -154,6 +169,8 @@ def format_row(r: dict) -> str:
         if "hf_max_logit_diff" in r else ""
     return (f"L={r['length']:<6} B={r['batch']:<4} kv {rate(r['kv_tokens_per_s'])} tok/s  recompute "
             f"{rate(r['recompute_tokens_per_s'])} tok/s  hf {rate(r['hf_tokens_per_s'])} tok/s  "
+            f"(per CPU s: kv {rate(r['kv_tokens_per_cpu_s'])}, recompute {rate(r['recompute_tokens_per_cpu_s'])}, "
+            f"hf {rate(r['hf_tokens_per_cpu_s'])})  "
             f"KV {r['kv_cache_bytes'] / MIB:8.2f} MiB  peak RSS {r['peak_rss_mib']:7.0f} MiB{extra}")
 
 

@@ -155,13 +155,14 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
     if from_sampler:
         with recorder.replaying([batch["routing_indices"] for batch in micro]), recorder.measuring_mismatch():
             reports = engine.forward_only(micro, head, emit_hidden_states=True)
-        mismatch = recorder.mismatch_fraction()
-        rollout.routing_mismatch_frac = None if mismatch is None else torch.tensor(mismatch)
     else:
         with recorder.recording() if recorder is not None else nullcontext():
             reports = engine.forward_only(micro, head, emit_hidden_states=True)
         if recorder is not None:
             rollout.routing_indices = recorder.recorded_indices(micro)
+    if recorder is not None:  # collective on every rank: None when no rank replayed a sampler record
+        mismatch = recorder.mismatch_fraction()
+        rollout.routing_mismatch_frac = None if mismatch is None else torch.tensor(mismatch)
     seq_len = cfg.seq_length
     if token_level:
         local = torch.zeros(rollout.size, seq_len // ctx.cp)
