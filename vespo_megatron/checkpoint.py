@@ -37,7 +37,7 @@ DIST_DIR = "dist"
 RANKS_DIR = "ranks"
 # Megatron's DistributedOptimizer format that reshards over TP/PP/DP and holds only tensors and
 # plain values. "dp_reshardable" stores pickled ShardedObjects; "fully_sharded_model_space" fails
-# in megatron-core 0.16.1 ("ShardedTensor.flattened_range is not supported").
+# in megatron-core 0.16.1 and 0.19.2 ("ShardedTensor.flattened_range is not supported").
 DISTOPT_SHARDING_TYPE = "fully_reshardable"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -377,7 +377,7 @@ def _allocate_adam_state(optimizer) -> None:
 
 @contextlib.contextmanager
 def _torch_adam_load_fixes(optimizer):
-    """Two fixes for DistributedOptimizer loads with torch's Adam (megatron-core 0.16.1, no TE/apex).
+    """Two fixes for DistributedOptimizer loads with torch's Adam (found on megatron-core 0.16.1, no TE/apex).
 
     Its load puts one shared ``step`` tensor into every parameter's torch state, then copies every
     state entry from the checkpoint tensors, which leave ``step`` out (KeyError: 'step'). The

@@ -5,7 +5,7 @@ weights drift, a token can switch experts, and that discrete change shows up in 
 as if the policy had moved; replaying the behaviour pass's expert choice in training keeps |log W| to
 the change of the experts' and router's outputs (docs/routing_replay.md).
 
-The hook: Megatron-Core 0.16.1's ``topk_routing_with_score_function`` takes every top-k through
+The hook: Megatron-Core's (0.16.1 and 0.19.2) ``topk_routing_with_score_function`` takes every top-k through
 ``router.router_replay.get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)``
 when a router has a ``router_replay`` object. :class:`RoutingRecorder` plugs one :class:`_LayerRouting`
 per router of this rank's model chunks into that slot (per-router state, not Megatron's process-global
