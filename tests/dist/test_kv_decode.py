@@ -260,9 +260,9 @@ def _moe(rank, world, overrides):
         router.weight.data.add_(torch.randn(router.weight.shape, generator=gen) * 5 * router.weight.detach().std())
     maps = _RouterMaps(routers)
     step = 2
-    from vespo_megatron.rl.step import _minibatch_rows
+    from vespo_megatron.rl.step import rollout_minibatches
 
-    (rows,) = _minibatch_rows(rollout, config.rl.num_minibatches, step, config.train.seed)
+    (rows,) = rollout_minibatches(rollout, config, step)
     train_on_rollout(runner, rollout, step)
     replay_exact, free_differs = [], 0
     for layer, router in enumerate(routers):
