@@ -1,7 +1,8 @@
 """``vespo-megatron demo``: the CPU quick start.
 
 Two gloo workers (tensor parallelism 2) run the real Megatron-Core stack: a short supervised warm-up
-on the synthetic arithmetic task, then VESPO RL with stale mini-batches. Greedy accuracy on held-out
+on worked solutions of the chain task (``4+7+2=`` -> ``4+7=11;11+2=13;#13``, docs/tasks.md), then VESPO
+RL with two stale mini-batches per rollout, sampled with the KV-cache decoder. Greedy accuracy on held-out
 prompts is measured before and after RL; metrics, TensorBoard events and PNG plots land in the run
 directory; the last line is ``demo: reward <before> -> <after>``.
 """
@@ -13,18 +14,18 @@ import os
 from pathlib import Path
 
 DEMO_OVERRIDES = [
-    "model.max_seq_length=16",
-    "task.name=arithmetic",
-    "task.options={max_operand: 9, seed: 11}",
+    "model.max_seq_length=48",
+    "task.name=chain",
+    "task.options={min_operands: 3, max_operands: 3, max_operand: 9, operators: '+', seed: 11}",
     "rollout.prompts_per_step=16",
     "rollout.group_size=8",
-    "rollout.max_new_tokens=4",
-    "rl.num_minibatches=4",
-    "train.micro_batch_size=8",
-    "train.global_batch_size=32",
-    "optimizer.lr=5e-4",
+    "rollout.max_new_tokens=40",
+    "rl.num_minibatches=2",
+    "train.micro_batch_size=16",
+    "train.global_batch_size=64",
+    "optimizer.lr=3e-4",
     "rl.sft_lr=3e-3",
-    "rl.sft_warmup_steps=100",
+    "rl.sft_warmup_steps=250",
     "rl.eval_prompts=128",
     "checkpoint.dir=null",
 ]

@@ -77,7 +77,7 @@ def run_cell(plan: Plan, config_path: str, model: str, seed: int, variant: str, 
         accuracy = evaluate(runner, plan.eval_prompts) if plan.eval_prompts else None
     summary = summarise(per_update, plan.updates)
     summary.update(model=model, seed=seed, variant=variant, N=n, lr=lr, task=plan.task, eval_accuracy=accuracy,
-                   aggregation=getattr(config.loss, "aggregation", "token-mean"),
+                   aggregation=config.loss.aggregation_mode,
                    tokens_generated=sum(r.get("response/tokens", 0.0) for r in per_update[::n]),
                    seconds=time.perf_counter() - started, run_dir=str(run_dir))
     summary_path.write_text(json.dumps(summary, indent=1))
