@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.runtime.files import fsync_dir, write_atomic
 
 FORMAT_VERSION = 1
@@ -253,7 +254,7 @@ def _all_ranks_or_none(check):
         result = check()
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
-    failed = torch.tensor([0 if error is None else 1], device=_collective_device())
+    failed = torch.tensor([0 if error is None else 1], device=collective_device())
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
@@ -415,7 +416,7 @@ def _torch_adam_load_fixes(optimizer):
 def _optimizer_has_state(optimizer) -> bool:
     inners = [getattr(member, "optimizer", None) for member in getattr(optimizer, "chained_optimizers", [optimizer])]
     stepped = torch.tensor([int(any(inner is not None and len(inner.state) > 0 for inner in inners))],
-                           device=_collective_device())
+                           device=collective_device())
     dist.all_reduce(stepped, op=dist.ReduceOp.MAX)
     return bool(stepped.item())
 
@@ -481,12 +482,6 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
-def _collective_device(group=None) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------- preemption
 
 
@@ -510,7 +505,7 @@ class PreemptionFlag:
         """True on every rank of ``group`` (default: the world) when any of them got the signal."""
         if not (dist.is_available() and dist.is_initialized()):
             return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=_collective_device(group))
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=collective_device(group))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 

@@ -135,13 +135,15 @@ def _measure(rank, world, config_path, overrides, length, batch, prompt_length, 
     row.update(hf_tokens_per_s=None, hf_tokens_per_cpu_s=None)
     hf = hf_llama_copy(engine, config) if with_hf else None
     if hf is not None:
-        ids = torch.tensor(prompts)
+        device = engine.ctx.device
+        hf = hf.to(device)
+        ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
             ours_hidden = _prompt_logits(engine, ids)
             row["hf_max_logit_diff"] = float((hf(ids).logits[:, -1].float() - ours_hidden).abs().max())
             with _Timer() as timer:
                 out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0).cpu()
             row.update(timer.rates("hf", batch * new_tokens))
         ours = kv.sequences[:, :length]
         row["hf_same_tokens"] = float((out[:, :length] == ours).float().mean())

@@ -276,12 +276,16 @@ class RoutingRecorder:
         """
         import torch.distributed as dist
 
+        from vespo_megatron.runtime.distributed import collective_device
+
         pair = torch.zeros(2, dtype=torch.float64)
         for slot in self.layers:
             pair += slot.mismatch
             slot.mismatch = torch.zeros(2, dtype=torch.float64)
         if dist.is_initialized():
+            pair = pair.to(collective_device(group))
             dist.all_reduce(pair, group=group)
+            pair = pair.cpu()
         return float(pair[0] / pair[1]) if pair[1] > 0 else None
 
     def load_metrics(self, group=None) -> dict[str, float]:
@@ -293,6 +297,8 @@ class RoutingRecorder:
         """
         import torch.distributed as dist
 
+        from vespo_megatron.runtime.distributed import collective_device
+
         counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
         changed = torch.zeros(2, dtype=torch.float64)
         for slot in self.layers:
@@ -302,7 +308,9 @@ class RoutingRecorder:
             slot.load, slot.changed = None, torch.zeros(2, dtype=torch.float64)
         flat = torch.cat([counts.reshape(-1), changed])
         if dist.is_initialized():
+            flat = flat.to(collective_device(group))
             dist.all_reduce(flat, group=group)
+            flat = flat.cpu()
         counts, changed = flat[:-2].view(self.num_layers, self.num_experts), flat[-2:]
         per_expert = self.num_layers * self.num_experts <= PER_EXPERT_KEYS_MAX
         out = load_summary(counts, list(range(1, self.num_layers + 1)), per_expert)

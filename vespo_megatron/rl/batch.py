@@ -126,5 +126,5 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, c
 
 def segment_ids(loss_mask: torch.Tensor) -> torch.Tensor:
     """``[s, b]`` sequence index of every response label (its batch row), -1 elsewhere."""
-    rows = torch.arange(loss_mask.shape[0]).unsqueeze(1).expand_as(loss_mask)
+    rows = torch.arange(loss_mask.shape[0], device=loss_mask.device).unsqueeze(1).expand_as(loss_mask)
     return torch.where(loss_mask.bool(), rows, torch.full_like(rows, -1)).t().contiguous()

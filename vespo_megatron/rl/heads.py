@@ -60,10 +60,15 @@ def _token_logprobs(output, batch, model, ctx, temperature, chunk_size):
     return logprobs.t()
 
 
+def _no_loss(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(loss_sum, num_tokens)`` pair of a forward-only head, on ``device``."""
+    return torch.zeros((), device=device), torch.zeros((), dtype=torch.int, device=device)
+
+
 def old_logprob_sums_head(ctx, temperature: float, chunk_size: int):
     def head(output, batch, model):
         sums = _sequence_sums(output, batch, model, ctx, temperature, chunk_size)
-        return torch.zeros(()), torch.zeros((), dtype=torch.int), {"seq/logprob_sum": sums}
+        return *_no_loss(sums.device), {"seq/logprob_sum": sums}
 
     return head
 
@@ -71,7 +76,7 @@ def old_logprob_sums_head(ctx, temperature: float, chunk_size: int):
 def old_token_logprobs_head(ctx, temperature: float, chunk_size: int):
     def head(output, batch, model):
         logprobs = _token_logprobs(output, batch, model, ctx, temperature, chunk_size)
-        return torch.zeros(()), torch.zeros((), dtype=torch.int), {"tok/logprobs": logprobs}
+        return *_no_loss(logprobs.device), {"tok/logprobs": logprobs}
 
     return head
 
@@ -137,7 +142,8 @@ def _finish(loss, batch, global_tokens, reported, global_micro_batches: int, rep
     """
     local_tokens = batch["loss_mask"].sum()
     loss_sum, num_tokens = rescale_for_global_normaliser(loss, local_tokens, global_tokens)
-    reported["loss/value"] = torch.stack([loss.detach().float() * global_micro_batches, torch.tensor(report_weight)])
+    reported["loss/value"] = torch.stack([loss.detach().float() * global_micro_batches,
+                                           torch.tensor(report_weight, device=loss.device)])
     return loss_sum, num_tokens, reported
 
 
@@ -232,7 +238,7 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
         }
         for name, value in out.metrics.items():
             if name.endswith("clip_frac") or name.endswith("_frac"):
-                reported[name] = torch.tensor([float(value), 1.0])
+                reported[name] = torch.tensor([float(value), 1.0], device=loss.device)
         return _finish(loss, batch, global_tokens, reported, global_micro_batches, 1.0 / ctx.cp)
 
     return head

@@ -185,7 +185,7 @@ def _phi_metrics(results, ctx) -> dict[str, float]:
             for key, value in report.items():
                 if key.startswith("seq/"):
                     vectors.setdefault(key, []).append(value)
-    local = {k: torch.cat(v) for k, v in vectors.items()}
+    local = {k: torch.cat(v).cpu() for k, v in vectors.items()}
     if ctx.dp > 1:
         gathered = [None] * ctx.dp
         dist.all_gather_object(gathered, local, group=ctx.dp_group)

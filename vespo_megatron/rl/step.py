@@ -22,6 +22,7 @@ from vespo_megatron.rl.advantages import group_advantages, informative_groups
 from vespo_megatron.rl.batch import Rollout, micro_batches, minibatch_rows
 from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
 from vespo_megatron.rollout.decode import sample
+from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.train.batches import context_parallel_chunks
 
 
@@ -33,9 +34,10 @@ class RolloutStats:
 
 
 def _dp_sum(values: list[float], ctx) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if ctx.dp > 1:
-        dist.all_reduce(tensor, group=ctx.dp_group)
+    if ctx.dp == 1:
+        return torch.tensor(values, dtype=torch.float64).tolist()
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device(ctx.dp_group))
+    dist.all_reduce(tensor, group=ctx.dp_group)
     return tensor.tolist()
 
 
@@ -121,13 +123,14 @@ def _unshard_cp(values: torch.Tensor, ctx) -> torch.Tensor:
     """Undo the load-balanced CP split of ``[b, s_local]`` values: all-gather and reorder to ``[b, s]``."""
     if ctx.cp == 1:
         return values
+    values = values.to(collective_device(ctx.cp_group))
     parts = [torch.empty_like(values) for _ in range(ctx.cp)]
     dist.all_gather(parts, values.contiguous(), group=ctx.cp_group)
     seq = values.shape[1] * ctx.cp
     positions = torch.cat([context_parallel_chunks(torch.arange(seq).unsqueeze(0), ctx.cp, r).squeeze(0)
                            for r in range(ctx.cp)])
     full = torch.empty(values.shape[0], seq, dtype=values.dtype)
-    full[:, positions] = torch.cat(parts, dim=1)
+    full[:, positions] = torch.cat(parts, dim=1).cpu()
     return full
 
 
@@ -167,16 +170,13 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
     if token_level:
         local = torch.zeros(rollout.size, seq_len // ctx.cp)
         if reports:
-            local = torch.cat([r["tok/logprobs"].view(-1, seq_len // ctx.cp) for r in reports])
+            local = torch.cat([r["tok/logprobs"].view(-1, seq_len // ctx.cp) for r in reports]).cpu()
         values = _unshard_cp(local, ctx)
     else:
         values = torch.zeros(rollout.size)
         if reports:
-            values = torch.cat([r["seq/logprob_sum"] for r in reports])
-    if ctx.pp > 1:
-        last = dist.get_global_rank(ctx.pp_group, ctx.pp - 1)
-        values = values.contiguous()
-        dist.broadcast(values, src=last, group=ctx.pp_group)
+            values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu()
+    values = _from_last_stage(values, ctx)
     if token_level:
         rollout.old_token_logprobs = values
         rollout.old_logprob_sums = (values * rollout.response_token_mask()[:, 1:]).sum(dim=1)
@@ -201,11 +201,18 @@ def _reference_logprob_sums(runner, micro) -> torch.Tensor:
     with torch.no_grad():
         reports = engine._run_schedule(micro, head, forward_only=True, emit_hidden_states=True,
                                        chunks=engine.reference_chunks)
-    values = torch.cat([r["seq/logprob_sum"] for r in reports]) if reports else torch.zeros(
+    values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu() if reports else torch.zeros(
         sum(b["tokens"].shape[0] for b in micro))
-    if ctx.pp > 1:
-        dist.broadcast(values.contiguous(), src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
-    return values
+    return _from_last_stage(values, ctx)
+
+
+def _from_last_stage(values: torch.Tensor, ctx) -> torch.Tensor:
+    """The last pipeline stage's CPU ``values`` on every stage (a broadcast over PP; as is without PP)."""
+    if ctx.pp == 1:
+        return values
+    buffer = values.contiguous().to(collective_device(ctx.pp_group))
+    dist.broadcast(buffer, src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
+    return buffer.cpu()
 
 
 def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:

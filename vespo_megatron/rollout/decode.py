@@ -53,6 +53,8 @@ from vespo_megatron.rollout.generate import (
     stop_id_set,
 )
 from vespo_megatron.rollout.sampling import sample_next_tokens
+from vespo_megatron.runtime.distributed import collective_device
+from vespo_megatron.train.megatron_loss import model_device
 
 SP_ATTRIBUTES = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
@@ -124,20 +126,27 @@ class PipelineRunner:
         self.chunks = engine.chunks
         self.hidden_size = engine.built.tconfig.hidden_size
         self.dtype = engine.built.tconfig.pipeline_dtype or torch.float32
+        self.device = model_device(unwrap(self.chunks[0]))
         ctx = self.ctx
         if ctx.pp > 1:
             self.prev = dist.get_global_rank(ctx.pp_group, (ctx.pp_rank - 1) % ctx.pp)
             self.next = dist.get_global_rank(ctx.pp_group, (ctx.pp_rank + 1) % ctx.pp)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, context) -> Optional[torch.Tensor]:
-        """Final hidden states ``[s, b, h]`` on the last stage (None on the others)."""
+        """Final hidden states ``[s, b, h]`` on the last stage (None on the others).
+
+        ``tokens`` and ``position_ids`` may live on the CPU; they are copied to the model's device.
+        """
         ctx = self.ctx
+        tokens = tokens.to(self.device, non_blocking=True)
+        position_ids = position_ids.to(self.device, non_blocking=True)
         last_chunk = len(self.chunks) - 1
         output = None
         for index, chunk in enumerate(self.chunks):
             first = index == 0 and ctx.is_first_stage
             if not first:
-                received = torch.empty(tokens.shape[1], tokens.shape[0], self.hidden_size, dtype=self.dtype)
+                received = torch.empty(tokens.shape[1], tokens.shape[0], self.hidden_size, dtype=self.dtype,
+                                       device=self.device)
                 dist.recv(received, src=self.prev)
                 unwrap(chunk).set_input_tensor(received)
             output = _callable_module(chunk)(tokens, position_ids, None, inference_context=context)
@@ -166,7 +175,8 @@ def kv_cache_bytes(context) -> int:
 def _compact(context, keep: torch.Tensor) -> None:
     """Keep only batch rows ``keep`` in every layer's keys and values."""
     for layer, (keys, values) in context.key_value_memory_dict.items():
-        context.key_value_memory_dict[layer] = (keys.index_select(1, keep), values.index_select(1, keep))
+        index = keep.to(keys.device, non_blocking=True)
+        context.key_value_memory_dict[layer] = (keys.index_select(1, index), values.index_select(1, index))
     context.max_batch_size = int(keep.numel())
 
 
@@ -328,21 +338,26 @@ def decode(
 
 
 def _sample_step(engine, hidden, sampling, generated, rows, uniforms, settings, greedy, vocab_size):
-    """Tokens and sampler log-probs of batch slots ``sampling`` (last stage samples, then broadcasts)."""
+    """Tokens and sampler log-probs of batch slots ``sampling`` (last stage samples, then broadcasts).
+
+    The draw runs where the logits are, from the CPU uniforms table (so a seeded generator picks the same
+    uniforms on every device); the results come back to the CPU.
+    """
     ctx = engine.ctx
     tokens = torch.zeros(len(sampling), dtype=torch.long)
     logprobs = torch.zeros(len(sampling), dtype=torch.float64)
     if ctx.is_last_stage:
-        logits = last_token_logits(hidden, engine)[sampling]
+        logits = last_token_logits(hidden, engine)
+        logits = logits[sampling.to(logits.device, non_blocking=True)]
         tokens, logprobs = sample_next_tokens(
             logits, vocab_size=vocab_size, temperature=settings.temperature, top_k=settings.top_k,
-            top_p=settings.top_p, greedy=greedy, uniforms=uniforms[generated, rows],
+            top_p=settings.top_p, greedy=greedy, uniforms=uniforms[generated, rows].to(logits.device),
         )
     if ctx.pp > 1:
-        packed = torch.stack([tokens.double(), logprobs.double()])
+        packed = torch.stack([tokens.double(), logprobs.double()]).to(collective_device(ctx.pp_group))
         dist.broadcast(packed, src=dist.get_global_rank(ctx.pp_group, ctx.pp - 1), group=ctx.pp_group)
         tokens, logprobs = packed[0].long(), packed[1]
-    return tokens, logprobs
+    return tokens.cpu(), logprobs.cpu()
 
 
 def sample(engine, prompts: list[list[int]], settings: RolloutConfig, **kwargs) -> Generated:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from vespo_megatron.config import RolloutConfig
 from vespo_megatron.models.gpt import unwrap
 from vespo_megatron.rollout.sampling import sample_next_tokens
+from vespo_megatron.runtime.distributed import collective_device
 
 
 @dataclass
@@ -71,12 +72,13 @@ def _last_position_logits(hidden_full, weight, positions, ctx) -> torch.Tensor:
     local_positions = context_parallel_chunks(
         torch.arange(seq_local * ctx.cp).unsqueeze(0), ctx.cp, ctx.cp_rank
     ).squeeze(0)
+    positions = positions.cpu()
     batch = hidden_full.shape[1]
-    picked = torch.zeros(batch, hidden_full.shape[2], dtype=torch.float32)
+    picked = torch.zeros(batch, hidden_full.shape[2], dtype=torch.float32, device=hidden_full.device)
     for row in range(batch):
         where = (local_positions == positions[row]).nonzero()
         if where.numel():
-            picked[row] = hidden_full[where[0, 0], row].float()
+            picked[row] = hidden_full[int(where[0, 0]), row].float()
     if ctx.cp > 1:
         dist.all_reduce(picked, group=ctx.cp_group)
     shard = picked @ weight.float().t()
@@ -91,7 +93,8 @@ def _logits_head(ctx):
     def head(output, batch, model):
         hidden = full_hidden(output, ctx)
         logits = _last_position_logits(hidden, unwrap(model).output_weight(), batch["positions"], ctx)
-        return torch.zeros(()), torch.zeros((), dtype=torch.int), {"logits": logits}
+        return (torch.zeros((), device=logits.device), torch.zeros((), dtype=torch.int, device=logits.device),
+                {"logits": logits})
 
     return head
 
@@ -143,7 +146,7 @@ def any_rank_active(active: bool, group) -> bool:
     """OR of ``active`` over ``group`` (ranks that must run the same number of forwards)."""
     if group is None or dist.get_world_size(group) == 1:
         return active
-    flag = torch.tensor([1 if active else 0], dtype=torch.int32)
+    flag = torch.tensor([1 if active else 0], dtype=torch.int32, device=collective_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
 
@@ -222,13 +225,14 @@ def generate(
         if ctx.is_last_stage:
             next_tokens, next_logprobs = sample_next_tokens(
                 logits, vocab_size=vocab_size, temperature=settings.temperature, top_k=settings.top_k,
-                top_p=settings.top_p, greedy=greedy, uniforms=uniforms[step],
+                top_p=settings.top_p, greedy=greedy, uniforms=uniforms[step].to(logits.device),
             )
         if ctx.pp > 1:
             last = dist.get_global_rank(ctx.pp_group, ctx.pp - 1)
-            packed = torch.stack([next_tokens.double(), next_logprobs.double()])
+            packed = torch.stack([next_tokens.double(), next_logprobs.double()]).to(collective_device(ctx.pp_group))
             dist.broadcast(packed, src=last, group=ctx.pp_group)
             next_tokens, next_logprobs = packed[0].long(), packed[1].float()
+        next_tokens, next_logprobs = next_tokens.cpu(), next_logprobs.cpu()
         for row in (~finished).nonzero().flatten().tolist():
             sequences[row, lengths[row]] = next_tokens[row]
             sampler_logprobs[row, lengths[row]] = next_logprobs[row]

@@ -59,7 +59,10 @@ def sample_next_tokens(
         tokens = allowed.argmax(dim=-1)
     else:
         probs = torch.softmax(filter_top_k_top_p(allowed, top_k, top_p), dim=-1)
-        if uniforms is None:
+        if uniforms is None and generator is not None and generator.device != probs.device:
+            # A CPU generator draws on the CPU, so a seed gives the same tokens on every device.
+            tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
+        elif uniforms is None:
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             tokens = inverse_cdf_sample(probs, uniforms)

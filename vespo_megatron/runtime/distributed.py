@@ -31,6 +31,17 @@ def device_and_backend() -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
+    """The device a buffer handed to a collective on ``group`` must live on.
+
+    nccl groups need CUDA tensors (the current CUDA device); gloo groups need CPU tensors. ``group=None``
+    is the default group.
+    """
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class ParallelContext:
     """This rank's place in the grid, with the process groups the rest of the code needs."""

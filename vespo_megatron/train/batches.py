@@ -56,3 +56,13 @@ def shard_micro_batch(batch: dict, ctx: ParallelContext) -> dict:
         is_token_field = torch.is_tensor(value) and value.dim() >= 2 and value.shape[SEQUENCE_DIM] == seq_len
         sharded[key] = context_parallel_chunks(value, ctx.cp, ctx.cp_rank) if is_token_field else value
     return sharded
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` with every tensor on ``device`` (non-blocking copies); a no-op for tensors already there.
+
+    Micro-batches are built and stored on the CPU; this is where they enter the model. Non-tensor values
+    are kept as they are.
+    """
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}

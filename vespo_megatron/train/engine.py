@@ -20,7 +20,7 @@ import torch
 
 from vespo_megatron.config import Config
 from vespo_megatron.models.gpt import BuiltModel, build_model, count_parameters
-from vespo_megatron.runtime.distributed import ParallelContext
+from vespo_megatron.runtime.distributed import ParallelContext, collective_device
 from vespo_megatron.train.megatron_loss import LossHead, make_forward_step
 
 
@@ -278,22 +278,28 @@ class Engine:
         import torch.distributed as dist
 
         names = sorted(k for k in reported[0] if not k.startswith(("seq/", "tok/"))) if reported else []
-        totals = torch.zeros(len(names), 2, dtype=torch.float64)
+        device = collective_device(self.ctx.dp_cp_group)
+        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
         for item in reported:
             for row, name in enumerate(names):
-                pair = item[name].double()
-                totals[row] += pair if pair.numel() == 2 else torch.stack([pair.sum(), torch.ones(())])
+                pair = item[name].to(device=device, dtype=torch.float64)
+                totals[row] += pair if pair.numel() == 2 else torch.stack(
+                    [pair.sum(), torch.ones((), dtype=torch.float64, device=device)])
         if self.ctx.pp > 1:
-            count = torch.tensor([len(names)], dtype=torch.int64)
+            pp_device = collective_device(self.ctx.pp_group)
+            count = torch.tensor([len(names)], dtype=torch.int64, device=pp_device)
             last = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1)
             dist.broadcast(count, src=last, group=self.ctx.pp_group)
             if not self.ctx.is_last_stage:
-                totals = torch.zeros(int(count.item()), 2, dtype=torch.float64)
+                totals = torch.zeros(int(count.item()), 2, dtype=torch.float64, device=pp_device)
             names_holder = [names]
             dist.broadcast_object_list(names_holder, src=last, group=self.ctx.pp_group)
             names = names_holder[0]
+            totals = totals.to(pp_device)
             dist.broadcast(totals, src=last, group=self.ctx.pp_group)
+            totals = totals.to(device)
         dist.all_reduce(totals, group=self.ctx.dp_cp_group)
+        totals = totals.cpu()
         return {name: float(totals[row, 0] / max(totals[row, 1], 1e-12)) for row, name in enumerate(names)}
 
 

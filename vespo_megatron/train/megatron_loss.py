@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from vespo_megatron.models.gpt import unwrap
+from vespo_megatron.train.batches import batch_to_device
 
 # loss_head(output, batch, model_chunk) -> (loss_sum, num_tokens, reported: dict[str, tensor])
 LossHead = Callable[[Any, dict, Any], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -42,15 +43,15 @@ def rescale_for_global_normaliser(
     ``finalize_model_grads`` divides gradients by the all-reduced sum of ``num_tokens`` (= global tokens);
     multiplying the loss by ``global_tokens`` first makes that division a no-op.
     """
-    return loss * global_tokens.to(loss.dtype), local_tokens.to(torch.int)
+    return loss * global_tokens.to(device=loss.device, dtype=loss.dtype), local_tokens.to(torch.int)
 
 
 def make_forward_step(loss_head: LossHead, emit_hidden_states: bool) -> Callable:
     """A Megatron ``forward_step_func`` that runs one micro-batch and hands its output to ``loss_head``."""
 
     def forward_step(data_iterator: Iterator[dict], model):
-        batch = next(data_iterator)
         inner = unwrap(model)
+        batch = batch_to_device(next(data_iterator), model_device(inner))
         inner.emit_hidden_states = emit_hidden_states
         output = model(
             batch["tokens"],
@@ -61,6 +62,13 @@ def make_forward_step(loss_head: LossHead, emit_hidden_states: bool) -> Callable
         return output, partial(_call_head, loss_head, batch, model)
 
     return forward_step
+
+
+def model_device(model) -> torch.device:
+    """The device ``model``'s parameters live on (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
 
 
 def _call_head(loss_head: LossHead, batch: dict, model, output):
