@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vespo_megatron.tasks.base import PromptStream, Sample, Task
+from vespo_megatron.tasks.base import PromptStream, Sample, Task, check_operators
 
 OPERATORS = ("+", "-", "*")
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -65,10 +65,7 @@ class ArithmeticTask(Task):
     name = "arithmetic"
 
     def __post_init__(self) -> None:
-        self.operators = tuple(self.operators)
-        unknown = [op for op in self.operators if op not in OPERATORS]
-        if not self.operators or unknown:
-            raise ValueError(f"arithmetic.operators={self.operators!r} must be a non-empty subset of {OPERATORS}")
+        self.operators = check_operators("arithmetic", self.operators, OPERATORS)
         if self.min_operand < 0:
             raise ValueError(f"arithmetic.min_operand={self.min_operand} must be >= 0 (prompts print no signs)")
         if self.max_operand < self.min_operand:

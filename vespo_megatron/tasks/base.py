@@ -53,6 +53,15 @@ class PromptStream(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def check_operators(task: str, operators, allowed: tuple) -> tuple:
+    """``operators`` as a tuple; a ValueError naming ``task.operators`` unless it is a non-empty subset of ``allowed``."""
+    operators = tuple(operators)
+    unknown = [op for op in operators if op not in allowed]
+    if not operators or unknown:
+        raise ValueError(f"{task}.operators={operators!r} must be a non-empty subset of {allowed}")
+    return operators
+
+
 def check_reward_value(value: Any, fn_name: str, sample: Sample) -> float:
     """`value` as a float, or a RewardError naming the function and the sample index."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

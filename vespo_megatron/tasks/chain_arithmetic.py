@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vespo_megatron.tasks.base import PromptStream, Sample, Task
+from vespo_megatron.tasks.base import PromptStream, Sample, Task, check_operators
 
 OPERATORS = ("+", "-", "*")
 SPLITS = ("train", "eval")
@@ -121,10 +121,7 @@ class ChainArithmeticTask(Task):
     name = "chain"
 
     def __post_init__(self) -> None:
-        self.operators = tuple(self.operators)
-        unknown = [op for op in self.operators if op not in OPERATORS]
-        if not self.operators or unknown:
-            raise ValueError(f"chain.operators={self.operators!r} must be a non-empty subset of {OPERATORS}")
+        self.operators = check_operators("chain", self.operators, OPERATORS)
         if self.min_operands < 2:
             raise ValueError(f"chain.min_operands={self.min_operands} must be >= 2")
         if self.max_operands < self.min_operands:
