@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_quick_study_writes_table_json_and_plots(tmp_path, capsys):
     out = tmp_path / "study"
-    assert main(["staleness", "--quick", "--task", "arithmetic", "--warmup-steps", "4", "--eval-prompts", "8", "--lr", "2e-4",
+    assert main(["staleness", "--quick", "--warmup-steps", "4", "--eval-prompts", "8", "--lr", "2e-4",
                  "--out", str(out), "--json"]) == 0
     result = json.loads((out / "staleness.json").read_text())
     cells = result["cells"]
