@@ -38,7 +38,8 @@ setup(
         # (launch/setup_env.sh): its declared dependencies include GPU-only builds (mamba-ssm); these are
         # the packages it imports on the paths we use, plus transformers for HF tokenizers.
         "hf": [
-            "transformers>=5.0,<6",
+            # Megatron-Bridge 0.6.2 imports transformers.modeling_attn_mask_utils, gone in later 5.x releases.
+            "transformers==5.12.1",
             "safetensors>=0.4",
             "accelerate>=1.0",
             "einops>=0.7",
