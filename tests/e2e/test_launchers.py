@@ -113,6 +113,11 @@ def slurm_env(tmp_path_factory):
     assert stopped.returncode == 0, stopped.stderr
 
 
+def node_states(env: dict) -> set[str]:
+    """SLURM's compact node states (``idle``, ``comp`` while a finished job is still being cleaned up, ...)."""
+    return set(_run(["sinfo", "-h", "-o", "%t"], env).stdout.split())
+
+
 def job_fields(job_id: str, env: dict) -> dict[str, str]:
     out = _run(["scontrol", "show", "job", "-o", job_id], env).stdout
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
@@ -168,7 +173,10 @@ def test_slurm_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     wait_for(lambda: job_fields(job_id, slurm_env).get("Restarts") == "1", 600, "the requeue", log)
     saved_step = checkpoint_step(ckpt_dir)
     assert 2 <= saved_step < steps, f"the signal arrived after training had finished\n{log()}"
-    # SLURM holds a requeued job for about two minutes (its BeginTime); release it now.
+    # SLURM holds a requeued job for about two minutes (its BeginTime), time in which the node finishes
+    # cleaning up the first run (the workers still writing their checkpoint after torchrun exits). Release
+    # the job as soon as the node is idle again, not before: a job started on a completing node fails to launch.
+    wait_for(lambda: node_states(slurm_env) == {"idle"}, 300, "the node to finish the first run", log)
     _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], slurm_env)
     final = wait_for(
         lambda: (s := job_fields(job_id, slurm_env).get("JobState")) in {"COMPLETED", "FAILED", "CANCELLED"} and s,
