@@ -85,6 +85,10 @@ class RolloutConfig:
     engine: Literal["kv", "recompute"] = "kv"
     """Decoder: 'kv' prefills once and decodes one token per step over a KV cache (falls back to
     'recompute' when parallel.cp > 1); 'recompute' re-runs the padded batch every step (the reference)."""
+    kv_step: Literal["lean", "megatron"] = "lean"
+    """KV engine's one-token steps: 'lean' runs dense single-stage local-spec models as plain tensor
+    operations on the same parameters and cache (several times less Python per step; MoE, pipeline stages
+    and Transformer-Engine layers use the full model regardless); 'megatron' runs the full model every step."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings: a response also ends once its tokens end with one of them as the tokenizer
     encodes it (the stop token always ends it)."""

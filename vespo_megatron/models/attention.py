@@ -158,15 +158,24 @@ class DecodeStepAttention(_dot_product_attention_base()):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        import torch.nn.functional as F
-
         if query.shape[0] != 1 or key.shape[0] == 1 or attention_mask is not None or attention_bias is not None \
                 or packed_seq_params is not None or self.training and self.config.attention_dropout > 0:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
-        # [s, b, heads, d] -> [b, heads, s, d]
-        out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
-                                             value.permute(1, 2, 0, 3), scale=scale,
-                                             enable_gqa=key.shape[2] != query.shape[2])
-        return out.permute(2, 0, 1, 3).reshape(1, query.shape[1], -1)
+        return decode_attention(query, key, value, scale)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over all of its cached keys: ``[1, b, heads, d]`` x ``[sk, b, groups, d]``.
+
+    Returns ``[1, b, heads * d]``. Grouped-query heads go to ``scaled_dot_product_attention`` as groups,
+    without materialising the repeated cache.
+    """
+    import torch.nn.functional as F
+
+    # [s, b, heads, d] -> [b, heads, s, d]
+    out = F.scaled_dot_product_attention(query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                                         value.permute(1, 2, 0, 3), scale=scale,
+                                         enable_gqa=key.shape[2] != query.shape[2])
+    return out.permute(2, 0, 1, 3).reshape(1, query.shape[1], -1)

@@ -28,6 +28,11 @@ training mode, sequence-parallel flags and the hidden-state switch are restored 
 - CP: the KV path does not shard the sequence; with ``parallel.cp > 1`` :func:`sample` falls back to
   the recompute decoder (documented in docs/rl.md).
 
+Decode steps. After the prefill, dense single-stage models run each one-token step through
+:class:`vespo_megatron.rollout.decode_step.LeanDecodeStep` (the same parameters and cache, without
+Megatron's per-module overhead); ``rollout.kv_step: megatron`` or an unsupported model runs the full model
+every step instead.
+
 MoE routing (R3). With ``record_routing`` every router's expert choice of every fed token is kept and
 returned in the layout the trainer replays (:mod:`vespo_megatron.models.routing`).
 """
@@ -52,6 +57,7 @@ from vespo_megatron.rollout.generate import (
     lockstep_group,
     stop_id_set,
 )
+from vespo_megatron.rollout.decode_step import LeanDecodeStep, lean_step_blocker
 from vespo_megatron.rollout.sampling import sample_next_tokens
 from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.train.megatron_loss import model_device
@@ -285,6 +291,9 @@ def decode(
     cached = int(prompt_lengths.max()) + settings.max_new_tokens - 1 if n else 1  # the last sample is never fed
     context = StaticInferenceContext(max_batch_size=max(n, 1), max_sequence_length=max(cached, 1))
     runner = PipelineRunner(engine)
+    lean = None
+    if settings.kv_step == "lean" and lean_step_blocker(engine) is None:
+        lean = LeanDecodeStep(engine, context)
     lockstep = lockstep_group(engine)
     fed = 0
     cache_bytes = 0
@@ -310,7 +319,10 @@ def decode(
             context.sequence_len_offset = fed
             rows = state.live
             positions = torch.arange(fed, fed + span).unsqueeze(0).expand(len(rows), -1)
-            hidden = runner.forward(state.sequences[rows, fed:fed + span], positions, context)
+            if lean is not None and span == 1:
+                hidden = lean(state.sequences[rows, fed:fed + 1].to(runner.device, non_blocking=True), fed)
+            else:
+                hidden = runner.forward(state.sequences[rows, fed:fed + span], positions, context)
             if trace is not None:
                 trace.add(rows.tolist(), fed)
             if fed == 0:
