@@ -4,7 +4,8 @@
 from one saved warm start per (model, seed): the mini-batch per optimizer update is fixed, the rollout grows
 to N mini-batches, and every cell runs the same number of updates (vespo_megatron/study/plan.py).
 ``study lr-sweep`` runs the variants at N = 1 over several learning rates, to choose the one rate every
-cell of the staleness study then uses. Both write ``OUT/<name>.json``, ``OUT/<name>.md`` and PNG plots;
+cell of the staleness study then uses. ``study async`` is the asynchronous arm: each cell a two-rank job (one
+rollout worker, one trainer) with ``rl.max_staleness = K`` (vespo_megatron/study/async_arm.py). Both write ``OUT/<name>.json``, ``OUT/<name>.md`` and PNG plots;
 docs/results.md shows a full run.
 """
 
@@ -35,9 +36,12 @@ __all__ = ["build_parser", "main", "make_plan", "summarise"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vespo-megatron study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["staleness", "lr-sweep"], help="the study to run")
+    parser.add_argument("what", choices=["staleness", "lr-sweep", "async"], help="the study to run")
     parser.add_argument("--quick", action="store_true",
-                        help="reduced grid for CI: vespo, grpo x N in {1, 4} x 1 seed x dense, 4 updates")
+                        help="reduced grid for CI: vespo, grpo x N in {1, 4} (async: K in {0, 2}) x 1 seed x "
+                             "dense, 4 updates")
+    parser.add_argument("--max-staleness", type=int, nargs="+", default=None, metavar="K",
+                        help="async: rl.max_staleness bounds, the worker running K steps ahead (default 0 2 8)")
     parser.add_argument("--out", default="runs/study", help="tables, JSON and plots go here (default runs/study)")
     parser.add_argument("--runs-dir", default=None, help="per-cell metrics and warm starts (default OUT/runs)")
     parser.add_argument("--json", action="store_true", help="print the JSON of all cells on stdout")
@@ -94,10 +98,17 @@ def make_plan(args) -> Plan:
     lrs = tuple(args.lr or ((3e-5, 1e-4, 3e-4) if sweep else (1e-4,)))
     if not sweep and len(lrs) != 1:
         raise SystemExit("study staleness takes one --lr (run `study lr-sweep` to compare several)")
-    staleness = (1,) if sweep else tuple(args.staleness or ((1, 4) if quick else (1, 4, 16, 64)))
+    if args.what == "async":
+        bad = [k for k in args.max_staleness or () if k < 0]
+        if bad:
+            raise SystemExit(f"study async: --max-staleness {bad} must be >= 0")
+        if args.models and "moe" in args.models:
+            raise SystemExit("study async: dense only (the arm's rollout worker runs one rank without EP)")
+    staleness = (1,) if sweep or args.what == "async" else tuple(args.staleness or ((1, 4) if quick else (1, 4, 16, 64)))
     out = Path(args.out)
     plan = Plan(variants=variants, staleness=staleness, seeds=args.seeds or (1 if quick else 3),
-                first_seed=args.first_seed, models=tuple(args.models or (("dense",) if quick else tuple(MODELS))),
+                first_seed=args.first_seed,
+                models=tuple(args.models or (("dense",) if quick or args.what == "async" else tuple(MODELS))),
                 task=args.task, updates=args.updates or (4 if quick else 64),
                 minibatch_prompts=args.minibatch_prompts, group_size=args.group_size,
                 warmup_steps=args.warmup_steps if args.warmup_steps is not None else (8 if quick else 150),
@@ -117,26 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from vespo_megatron.demo import default_config_path
     from vespo_megatron.runtime.local_workers import run_local_workers
+    from vespo_megatron.study.async_arm import DEFAULT_BOUNDS, run_async_arm
     from vespo_megatron.study.cells import collect_finished, grid_worker
     from vespo_megatron.study.report import write_plots, write_table
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "lr_sweep" if args.what == "lr-sweep" else "staleness"
+    name = {"lr-sweep": "lr_sweep", "staleness": "staleness", "async": "async"}[args.what]
+    bounds = tuple(args.max_staleness or ((0, 2) if args.quick else DEFAULT_BOUNDS))
+    knob, values = ("K", bounds) if args.what == "async" else ("N", plan.staleness)
     command = "vespo-megatron study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    cells = len(plan.models) * plan.seeds * len(plan.variants) * len(plan.staleness) * len(plan.lrs)
+    cells = len(plan.models) * plan.seeds * len(plan.variants) * len(values) * len(plan.lrs)
     print(f"study: {cells} cells ({plan.task}; {', '.join(plan.models)} x {plan.seeds} seed(s) x "
-          f"{', '.join(plan.variants)} x N in {list(plan.staleness)} x lr in {list(plan.lrs)}), {plan.updates} "
+          f"{', '.join(plan.variants)} x {knob} in {list(values)} x lr in {list(plan.lrs)}), {plan.updates} "
           f"updates of {plan.minibatch_sequences} sequences each; runs in {plan.runs_dir}", flush=True)
     started = time.perf_counter()
-    if args.report_only:
+    if args.what == "async":
+        result = run_async_arm(plan, str(default_config_path()), bounds, args.timeout, report_only=args.report_only)
+    elif args.report_only:
         result = collect_finished(plan)
         print(f"study: --report-only, {len(result['cells'])} of {cells} cells finished", flush=True)
     else:
         result = run_local_workers(grid_worker, 1, plan, str(default_config_path()), timeout_s=args.timeout)[0]
     result.update(plan=asdict(plan), command=command, seconds=time.perf_counter() - started)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    table = write_table(result, plan, out, command, name=f"{name}.md")
+    table = write_table(result, plan, out, command, name=f"{name}.md", knob=knob, values=values)
     plots = write_plots(result, plan, out) if args.what == "staleness" else []
     print(table.read_text())
     print(f"study: {len(result['cells'])} cells in {result['seconds']:.0f}s; wrote {out / (name + '.json')}, {table}"

@@ -36,57 +36,78 @@ def spread(values: list) -> str:
     return text + (f" [{fmt(min(values))}, {fmt(max(values))}]" if len(values) > 1 else "")
 
 
-def retained(cells: list[dict], model: str, variant: str, n: int, lr: float) -> float | None:
-    """Mean greedy accuracy at N over the mean at N = 1 (the paper's "keeps X% of its N = 1 accuracy")."""
-    base = finite_mean(c["eval_accuracy"] for c in cells_of(cells, model=model, variant=variant, N=1, lr=lr))
-    here = finite_mean(c["eval_accuracy"] for c in cells_of(cells, model=model, variant=variant, N=n, lr=lr))
+def retained(cells: list[dict], model: str, variant: str, n: int, lr: float, knob: str = "N",
+             base_value: int = 1) -> float | None:
+    """Mean greedy accuracy at ``knob = n`` over the mean at ``base_value`` (the paper's "keeps X% of its
+    N = 1 accuracy"; the async arm compares K with K = 0)."""
+    base = finite_mean(c["eval_accuracy"] for c in cells_of(cells, model=model, variant=variant, lr=lr,
+                                                            **{knob: base_value}))
+    here = finite_mean(c["eval_accuracy"] for c in cells_of(cells, model=model, variant=variant, lr=lr, **{knob: n}))
     if base is None or here is None or base <= 0:
         return None
     return here / base
 
 
-def write_table(result: dict, plan: Plan, out: Path, command: str, name: str = "staleness.md") -> Path:
+def write_table(result: dict, plan: Plan, out: Path, command: str, name: str = "staleness.md",
+                knob: str = "N", values: tuple | None = None) -> Path:
+    """The study's Markdown table; ``knob="K"`` with ``values`` the bounds tabulates the async arm."""
     cells = result["cells"]
-    lines = [f"# Staleness study: task {plan.task}, {plan.updates} optimizer updates per cell, "
+    values = tuple(values or plan.staleness)
+    base_value = values[0]
+    what = ("Staleness study" if knob == "N" else
+            "Asynchronous arm (one rollout worker + one trainer, rl.max_staleness = K, worker K steps ahead)")
+    layout = ("a rollout holds N mini-batches, so a cell runs updates/N rollouts and every cell generates the same "
+              "number of tokens" if knob == "N" else
+              "a rollout holds one mini-batch and is trained K updates after the weights that sampled it "
+              "(K = 0: synchronous)")
+    lines = [f"# {what}: task {plan.task}, {plan.updates} optimizer updates per cell, "
              f"{plan.seeds} seed(s)", "", f"Command: `{command}`", "",
              f"Every update trains on one mini-batch of {plan.minibatch_sequences} sequences "
-             f"({plan.minibatch_prompts} prompts x {plan.group_size} responses, whole groups); a rollout holds "
-             "N mini-batches, so a cell runs updates/N rollouts and every cell generates the same number of "
-             "tokens. Entries are mean ± std [min, max] over seeds of the greedy accuracy on "
+             f"({plan.minibatch_prompts} prompts x {plan.group_size} responses, whole groups); {layout}. "
+             "Entries are mean ± std [min, max] over seeds of the greedy accuracy on "
              f"{plan.eval_prompts} held-out prompts after training, then the sampled reward of the last "
-             f"{window(plan.updates)} updates; `ret` = accuracy relative to the same row at N = 1; `!k` = k seeds "
+             f"{window(plan.updates)} updates; `ret` = accuracy relative to the same row at {knob} = {base_value}; `!k` = k seeds "
              f"had a collapse event (windowed reward below {COLLAPSE_DROP} x max(best window, first update), "
              f"non-finite loss or grad norm, or vespo/silenced_frac > {SILENCED}).", ""]
     for model in plan.models:
-        warm = [w["eval_accuracy"] for w in result["warm_starts"] if w["model"] == model]
+        warm = [w["eval_accuracy"] for w in result.get("warm_starts", []) if w["model"] == model]
+        if not warm:  # the async arm warms up inside each job
+            warm = [c["warm_eval_accuracy"] for c in cells_of(cells, model=model, **{knob: base_value})
+                    if c.get("warm_eval_accuracy") is not None]
         for lr in plan.lrs:
             lines += [f"## {model}, lr {lr:g} (warm-start greedy accuracy {spread(warm)})", "",
-                      "| variant | aggregation | " + " | ".join(f"N={n}" for n in plan.staleness) + " |",
-                      "|---|---|" + "---|" * len(plan.staleness)]
+                      "| variant | aggregation | " + " | ".join(f"{knob}={n}" for n in values) + " |",
+                      "|---|---|" + "---|" * len(values)]
             for variant in plan.variants:
                 row, aggregation = [], "–"
-                for n in plan.staleness:
-                    group = cells_of(cells, model=model, variant=variant, N=n, lr=lr)
+                for n in values:
+                    group = cells_of(cells, model=model, variant=variant, lr=lr, **{knob: n})
                     if not group:
                         row.append("–")
                         continue
                     aggregation = group[0].get("aggregation", aggregation)
-                    kept = retained(cells, model, variant, n, lr)
+                    kept = retained(cells, model, variant, n, lr, knob, base_value)
                     collapsed = sum(1 for c in group if c["collapse"])
                     text = (f"acc {spread([c['eval_accuracy'] for c in group])}; "
                             f"reward {spread([c['final_reward'] for c in group])}")
-                    if kept is not None and n != 1:
+                    if kept is not None and n != base_value:
                         text += f"; ret {kept:.0%}"
                     row.append(text + (f" !{collapsed}" if collapsed else ""))
                 lines.append(f"| {variant} | {aggregation} | " + " | ".join(row) + " |")
+            if knob == "K":
+                lags = [finite_mean(c.get("lag_mean") for c in cells_of(cells, model=model, lr=lr, K=k)) for k in values]
+                drops = [sum(c.get("dropped_rollouts", 0) for c in cells_of(cells, model=model, lr=lr, K=k))
+                         for k in values]
+                lines.append("| measured policy lag (mean; rollouts dropped) | – | "
+                             + " | ".join(f"{fmt(lag, 2)}; {int(d)}" for lag, d in zip(lags, drops)) + " |")
             lines += ["", f"VESPO diagnostics ({model}, lr {lr:g}, last window, mean over seeds): "
                           "phi_mean / ESS / mean abs(log W) / silenced_frac", "",
-                      "| variant | " + " | ".join(f"N={n}" for n in plan.staleness) + " |",
-                      "|---|" + "---|" * len(plan.staleness)]
+                      "| variant | " + " | ".join(f"{knob}={n}" for n in values) + " |",
+                      "|---|" + "---|" * len(values)]
             for variant in (v for v in plan.variants if v.startswith("vespo")):
                 row = []
-                for n in plan.staleness:
-                    group = cells_of(cells, model=model, variant=variant, N=n, lr=lr)
+                for n in values:
+                    group = cells_of(cells, model=model, variant=variant, lr=lr, **{knob: n})
                     row.append(" / ".join(fmt(finite_mean(c["phi"][k] for c in group), 2) for k in PHI_KEYS))
                 lines.append(f"| {variant} | " + " | ".join(row) + " |")
             lines.append("")
