@@ -84,3 +84,5 @@ def test_quick_async_arm_trains_with_the_lag_it_was_given(tmp_path):
     assert cells[0]["warm_eval_accuracy"] == cells[2]["warm_eval_accuracy"]
     table = (out / "async.md").read_text()
     assert "K=2" in table and "measured policy lag" in table
+    for name in ("reward_vs_K_dense.png", "reward_curves_dense_K2.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(plan=asdict(plan), command=command, seconds=time.perf_counter() - started)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     table = write_table(result, plan, out, command, name=f"{name}.md", knob=knob, values=values)
-    plots = write_plots(result, plan, out) if args.what == "staleness" else []
+    plots = write_plots(result, plan, out, knob=knob, values=values) if args.what != "lr-sweep" else []
     print(table.read_text())
     print(f"study: {len(result['cells'])} cells in {result['seconds']:.0f}s; wrote {out / (name + '.json')}, {table}"
           + "".join(", " + str(p) for p in plots))

@@ -1,7 +1,8 @@
 """The study's asynchronous arm: staleness that comes from real asynchrony, not from splitting a rollout.
 
 Every cell is one disaggregated job of two ranks (``parallel.rollout_ranks=1``: one rollout worker and one
-trainer, docs/async.md) that runs the ordinary RL loop (:func:`vespo_megatron.rl.loop.run`). The trainer
+trainer; docs/rl.md, "Disaggregated (asynchronous) mode") that runs the ordinary RL loop
+(:func:`vespo_megatron.rl.loop.run`). The trainer
 first does the same supervised warm-up as the staleness study's warm start (``plan.warmup_steps`` updates at
 the warm-up learning rate), pushes its weights to the worker, then trains ``plan.updates`` updates of one
 mini-batch each (``M`` sequences of whole groups, as every cell of the study) at the study's learning rate.

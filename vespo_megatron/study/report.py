@@ -116,7 +116,9 @@ def write_table(result: dict, plan: Plan, out: Path, command: str, name: str = "
     return path
 
 
-def write_plots(result: dict, plan: Plan, out: Path) -> list[Path]:
+def write_plots(result: dict, plan: Plan, out: Path, knob: str = "N", values: tuple | None = None) -> list[Path]:
+    """Accuracy and reward against N (log scale), or against K for the async arm, and the reward curves
+    of the largest value."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -124,6 +126,7 @@ def write_plots(result: dict, plan: Plan, out: Path) -> list[Path]:
 
     paths = []
     lr = plan.lrs[0]
+    values = tuple(values or plan.staleness)
     for model in plan.models:
         fig = Figure(figsize=(11, 4), dpi=80)
         FigureCanvasAgg(fig)
@@ -133,28 +136,31 @@ def write_plots(result: dict, plan: Plan, out: Path) -> list[Path]:
             ax = fig.add_subplot(1, 2, index + 1)
             for i, variant in enumerate(plan.variants):
                 means, lows, highs = [], [], []
-                for n in plan.staleness:
-                    values = [c[key] for c in cells_of(result["cells"], model=model, variant=variant, N=n, lr=lr)
-                              if c[key] is not None and math.isfinite(c[key])]
-                    means.append(finite_mean(values) if values else math.nan)
-                    lows.append(min(values, default=math.nan))
-                    highs.append(max(values, default=math.nan))
-                ax.plot(plan.staleness, means, marker="o", color=f"C{i}", label=variant)
-                ax.fill_between(plan.staleness, lows, highs, color=f"C{i}", alpha=0.12)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(plan.staleness, [str(n) for n in plan.staleness])
-            ax.set_xlabel("N (mini-batch updates per rollout)")
+                for n in values:
+                    got = [c[key] for c in cells_of(result["cells"], model=model, variant=variant, lr=lr, **{knob: n})
+                           if c[key] is not None and math.isfinite(c[key])]
+                    means.append(finite_mean(got) if got else math.nan)
+                    lows.append(min(got, default=math.nan))
+                    highs.append(max(got, default=math.nan))
+                ax.plot(values, means, marker="o", color=f"C{i}", label=variant)
+                ax.fill_between(values, lows, highs, color=f"C{i}", alpha=0.12)
+            if knob == "N":
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(values, [str(n) for n in values])
+            ax.set_xlabel("N (mini-batch updates per rollout)" if knob == "N"
+                          else "K (rl.max_staleness; the worker samples K updates ahead)")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-        fig.suptitle(f"Staleness study, {plan.task}, {model} (band = min..max over seeds)")
+        title = "Staleness study" if knob == "N" else "Asynchronous arm"
+        fig.suptitle(f"{title}, {plan.task}, {model} (band = min..max over seeds)")
         fig.tight_layout()
-        path = out / f"reward_vs_N_{model}.png"
+        path = out / f"reward_vs_{knob}_{model}.png"
         fig.savefig(path, format="png")
         paths.append(path)
-        n = max(plan.staleness)
-        group = cells_of(result["cells"], model=model, seed=plan.first_seed, N=n, lr=lr)
+        n = max(values)
+        group = cells_of(result["cells"], model=model, seed=plan.first_seed, lr=lr, **{knob: n})
         if group:
             paths.append(plot_runs([c["run_dir"] for c in group], [c["variant"] for c in group], "reward/mean",
-                                   out / f"reward_curves_{model}_N{n}.png"))
+                                   out / f"reward_curves_{model}_{knob}{n}.png"))
     return paths
