@@ -78,7 +78,10 @@ def test_quick_async_arm_trains_with_the_lag_it_was_given(tmp_path):
         assert math.isfinite(cell["eval_accuracy"]) and len(cell["reward_history"]) == 6
         config = yaml.safe_load((Path(cell["run_dir"]) / "config.yaml").read_text())
         assert config["parallel"]["rollout_ranks"] == 1 and config["rl"]["max_staleness"] == bound
+        assert config["loss"]["behaviour"] == "sampler"  # W spans the lag (recompute would reset it to 1)
     assert cells[0]["lag_max"] == 0 and cells[2]["lag_max"] == 2  # the worker really ran ahead
+    # The lag reaches VESPO's weight: |log W| is 0 up to rounding without it, and grows with it.
+    assert cells[0]["phi"]["vespo/abs_log_w_mean"] < 1e-3 < cells[2]["phi"]["vespo/abs_log_w_mean"]
     # Same warm-up in both jobs: the first rollout is sampled by the same weights with the same seed.
     assert cells[0]["first_reward"] == cells[2]["first_reward"]
     assert cells[0]["warm_eval_accuracy"] == cells[2]["warm_eval_accuracy"]

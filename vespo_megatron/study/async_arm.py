@@ -9,7 +9,8 @@ mini-batch each (``M`` sequences of whole groups, as every cell of the study) at
 ``rl.max_staleness = K`` bounds the policy lag and the worker samples ``K`` steps ahead (the default
 lookahead for that bound, a weight sync after every update), so once the pipeline is full every trained
 rollout was sampled by the weights of exactly ``K`` updates earlier, while the next rollouts are being
-generated: K = 0 is the synchronous loop. What is measured per cell is what the staleness study measures
+generated: K = 0 is the synchronous loop. The importance weight's behaviour policy is the sampler
+(``loss.behaviour=sampler``, see ``ARM_OVERRIDES``). What is measured per cell is what the staleness study measures
 (rewards, collapse events, the VESPO diagnostics, greedy accuracy on held-out prompts), plus the lag
 histogram the trainer logged (``staleness/*``).
 """
@@ -24,7 +25,12 @@ from vespo_megatron.study.plan import WARMUP_LR, Plan, cell_overrides
 from vespo_megatron.study.summary import refresh, summarise
 
 DEFAULT_BOUNDS = (0, 2, 8)
-ARM_OVERRIDES = ["parallel.rollout_ranks=1", "rl.sync_every=1", "rl.lookahead=null", "rl.worker_timeout_s=900"]
+ARM_OVERRIDES = ["parallel.rollout_ranks=1", "rl.sync_every=1", "rl.lookahead=null", "rl.worker_timeout_s=900",
+                 "loss.behaviour=sampler"]
+"""``loss.behaviour=sampler``: log mu is the sampler's own log-probs, so log W spans the K updates between the
+weights that sampled a rollout and the weights that train on it. With 'recompute' the trainer would take mu
+from its current weights as the rollout arrives, W would be 1 at the rollout's only update, and every loss
+would ignore the lag it is meant to handle."""
 
 
 def async_cell_dir(plan: Plan, model: str, seed: int, variant: str, bound: int, lr: float) -> Path:
