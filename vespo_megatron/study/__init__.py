@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "dense, 4 updates")
     parser.add_argument("--max-staleness", type=int, nargs="+", default=None, metavar="K",
                         help="async: rl.max_staleness bounds, the worker running K steps ahead (default 0 2 8)")
+    parser.add_argument("--behaviour", choices=["sampler", "recompute"], default="sampler",
+                        help="async: loss.behaviour of every cell; 'sampler' (default) puts the lag into log W, "
+                             "'recompute' takes mu from the trainer's current weights (W = 1: the lag is ignored)")
     parser.add_argument("--out", default="runs/study", help="tables, JSON and plots go here (default runs/study)")
     parser.add_argument("--runs-dir", default=None, help="per-cell metrics and warm starts (default OUT/runs)")
     parser.add_argument("--json", action="store_true", help="print the JSON of all cells on stdout")
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
           f"updates of {plan.minibatch_sequences} sequences each; runs in {plan.runs_dir}", flush=True)
     started = time.perf_counter()
     if args.what == "async":
-        result = run_async_arm(plan, str(default_config_path()), bounds, args.timeout, report_only=args.report_only)
+        result = run_async_arm(plan, str(default_config_path()), bounds, args.timeout, report_only=args.report_only,
+                               behaviour=args.behaviour)
     elif args.report_only:
         result = collect_finished(plan)
         print(f"study: --report-only, {len(result['cells'])} of {cells} cells finished", flush=True)

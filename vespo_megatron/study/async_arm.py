@@ -25,24 +25,26 @@ from vespo_megatron.study.plan import WARMUP_LR, Plan, cell_overrides
 from vespo_megatron.study.summary import refresh, summarise
 
 DEFAULT_BOUNDS = (0, 2, 8)
-ARM_OVERRIDES = ["parallel.rollout_ranks=1", "rl.sync_every=1", "rl.lookahead=null", "rl.worker_timeout_s=900",
-                 "loss.behaviour=sampler"]
+ARM_OVERRIDES = ["parallel.rollout_ranks=1", "rl.sync_every=1", "rl.lookahead=null", "rl.worker_timeout_s=900"]
+DEFAULT_BEHAVIOUR = "sampler"
 """``loss.behaviour=sampler``: log mu is the sampler's own log-probs, so log W spans the K updates between the
-weights that sampled a rollout and the weights that train on it. With 'recompute' the trainer would take mu
-from its current weights as the rollout arrives, W would be 1 at the rollout's only update, and every loss
-would ignore the lag it is meant to handle."""
+weights that sampled a rollout and the weights that train on it. With 'recompute' (``--behaviour recompute``,
+the contrast) the trainer takes mu from its current weights as the rollout arrives: W is 1 at the rollout's
+only update and every loss ignores the lag."""
 
 
-def async_cell_dir(plan: Plan, model: str, seed: int, variant: str, bound: int, lr: float) -> Path:
-    suffix = f"_lr{lr:g}" if len(plan.lrs) > 1 else ""
+def async_cell_dir(plan: Plan, model: str, seed: int, variant: str, bound: int, lr: float,
+                   behaviour: str = DEFAULT_BEHAVIOUR) -> Path:
+    suffix = (f"_lr{lr:g}" if len(plan.lrs) > 1 else "") + (f"_{behaviour}" if behaviour != DEFAULT_BEHAVIOUR else "")
     return plan.unit_dir(model, seed) / "async" / f"{variant}_K{bound}{suffix}"
 
 
-def async_cell_overrides(plan: Plan, model: str, seed: int, variant: str, bound: int, lr: float) -> list[str]:
+def async_cell_overrides(plan: Plan, model: str, seed: int, variant: str, bound: int, lr: float,
+                         behaviour: str = DEFAULT_BEHAVIOUR) -> list[str]:
     """A one-mini-batch rollout per update, K updates of lag, the warm-up inside the job."""
     return cell_overrides(plan, model, seed, variant, 1, lr) + ARM_OVERRIDES + [
-        f"rl.max_staleness={bound}", f"rl.sft_warmup_steps={plan.warmup_steps}", f"rl.sft_lr={WARMUP_LR}",
-        f"logging.run_dir={async_cell_dir(plan, model, seed, variant, bound, lr)}",
+        f"loss.behaviour={behaviour}", f"rl.max_staleness={bound}", f"rl.sft_warmup_steps={plan.warmup_steps}",
+        f"rl.sft_lr={WARMUP_LR}", f"logging.run_dir={async_cell_dir(plan, model, seed, variant, bound, lr, behaviour)}",
     ]
 
 
@@ -65,16 +67,16 @@ def lag_summary(records: list[dict]) -> dict:
 
 
 def run_async_cell(plan: Plan, config_path: str, model: str, seed: int, variant: str, bound: int, lr: float,
-                   timeout_s: float) -> dict:
+                   timeout_s: float, behaviour: str = DEFAULT_BEHAVIOUR) -> dict:
     """Run one cell's two-rank job (unless its summary exists) and summarise it."""
     from vespo_megatron.metrics import read_metrics
     from vespo_megatron.runtime.local_workers import run_local_workers
 
-    run_dir = async_cell_dir(plan, model, seed, variant, bound, lr)
+    run_dir = async_cell_dir(plan, model, seed, variant, bound, lr, behaviour)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         return refresh(json.loads(summary_path.read_text()), plan.updates)
-    overrides = async_cell_overrides(plan, model, seed, variant, bound, lr)
+    overrides = async_cell_overrides(plan, model, seed, variant, bound, lr, behaviour)
     started = time.perf_counter()
     ranks = run_local_workers(_job, 2, config_path, overrides, timeout_s=timeout_s)
     trainer = next(r for r in ranks if r["role"] == "trainer")
@@ -83,14 +85,15 @@ def run_async_cell(plan: Plan, config_path: str, model: str, seed: int, variant:
     from vespo_megatron.config import load_config
 
     aggregation = load_config(config_path, overrides).loss.aggregation_mode
-    summary.update(lag_summary(records), aggregation=aggregation, model=model, seed=seed, variant=variant, K=bound, N=1, lr=lr,
+    summary.update(lag_summary(records), aggregation=aggregation, behaviour=behaviour, model=model, seed=seed, variant=variant, K=bound, N=1, lr=lr,
                    task=plan.task, eval_accuracy=trainer["eval_after"], warm_eval_accuracy=trainer["eval_before"],
                    seconds=time.perf_counter() - started, run_dir=str(run_dir))
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def run_async_arm(plan: Plan, config_path: str, bounds: tuple, timeout_s: float, report_only: bool = False) -> dict:
+def run_async_arm(plan: Plan, config_path: str, bounds: tuple, timeout_s: float, report_only: bool = False,
+                  behaviour: str = DEFAULT_BEHAVIOUR) -> dict:
     """Every (model, seed, variant, K, lr) cell of the arm, printing one line per cell (``report_only``:
     only the cells already finished, nothing run)."""
     cells = []
@@ -99,10 +102,11 @@ def run_async_arm(plan: Plan, config_path: str, bounds: tuple, timeout_s: float,
             for variant in plan.variants:
                 for bound in bounds:
                     for lr in plan.lrs:
-                        done = async_cell_dir(plan, model, seed, variant, bound, lr) / "summary.json"
+                        done = async_cell_dir(plan, model, seed, variant, bound, lr, behaviour) / "summary.json"
                         if report_only and not done.is_file():
                             continue
-                        cell = run_async_cell(plan, config_path, model, seed, variant, bound, lr, timeout_s)
+                        cell = run_async_cell(plan, config_path, model, seed, variant, bound, lr, timeout_s,
+                                              behaviour)
                         cells.append(cell)
                         print(f"study async: {plan.task} {model} seed {seed} {variant} K={bound} lr={lr:g}: "
                               f"final reward {cell['final_reward']:.3f}, accuracy {cell['eval_accuracy']}, "

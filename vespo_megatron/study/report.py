@@ -54,8 +54,10 @@ def write_table(result: dict, plan: Plan, out: Path, command: str, name: str = "
     cells = result["cells"]
     values = tuple(values or plan.staleness)
     base_value = values[0]
+    behaviour = cells[0].get("behaviour", "sampler") if cells else "sampler"
     what = ("Staleness study" if knob == "N" else
-            "Asynchronous arm (one rollout worker + one trainer, rl.max_staleness = K, worker K steps ahead)")
+            "Asynchronous arm (one rollout worker + one trainer, rl.max_staleness = K, worker K steps ahead, "
+            f"loss.behaviour={behaviour})")
     layout = ("a rollout holds N mini-batches, so a cell runs updates/N rollouts and every cell generates the same "
               "number of tokens" if knob == "N" else
               "a rollout holds one mini-batch and is trained K updates after the weights that sampled it "
