@@ -318,10 +318,10 @@ def decode(
             span = start if fed == 0 else 1
             context.sequence_len_offset = fed
             rows = state.live
-            positions = torch.arange(fed, fed + span).unsqueeze(0).expand(len(rows), -1)
             if lean is not None and span == 1:
                 hidden = lean(state.sequences[rows, fed:fed + 1].to(runner.device, non_blocking=True), fed)
             else:
+                positions = torch.arange(fed, fed + span).unsqueeze(0).expand(len(rows), -1)
                 hidden = runner.forward(state.sequences[rows, fed:fed + span], positions, context)
             if trace is not None:
                 trace.add(rows.tolist(), fed)

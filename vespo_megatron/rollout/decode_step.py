@@ -5,10 +5,11 @@ layer stack: on a small model Megatron's module plumbing (autograd-function line
 ``no_grad``, hooks, view-less tensor wrappers, per-call group lookups) costs several times the arithmetic.
 :class:`LeanDecodeStep` runs the same step as a straight sequence of tensor operations over the very
 parameters the model holds (no copy), and over the megatron-core ``StaticInferenceContext`` buffers that
-the prefill, run by the full model, filled (re-laid out once for attention, :meth:`LeanDecodeStep._regroup_cache`). The operations are Megatron's own in Megatron's
-order (the QKV layout ``[groups, (heads/groups + 2) * head_dim]``, megatron-core's ``apply_rotary_pos_emb``,
-bias then residual, the gated activation with its clamp and offset), so the hidden states equal the full
-model's to rounding; tests compare tokens and sampler log-probs with the stock path and the recompute
+the prefill, run by the full model, filled (re-laid out once for attention,
+:meth:`LeanDecodeStep._regroup_cache`). The operations are Megatron's own in Megatron's order (the QKV layout
+``[groups, (heads/groups + 2) * head_dim]``, the rotate-half RoPE of megatron-core's unfused path with its
+cos/sin tabulated once, bias then residual, the gated activation with its clamp and offset), so the hidden
+states equal the full model's to rounding; tests compare tokens and sampler log-probs with the stock path and the recompute
 oracle.
 
 Covered: dense GPT models of the local layer spec on one pipeline stage (``pp == 1``), any tensor-parallel
@@ -97,6 +98,9 @@ class LeanDecodeStep:
             freqs = self.model.rotary_pos_emb(context.max_sequence_length)  # [positions, 1, 1, rot_dim]
             mscale = self.model.decoder.layers[0].self_attention._yarn_concentration_factor
             self.cos, self.sin = torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
+        self.scales = [layer.self_attention.core_attention.softmax_scale
+                       * (layer.self_attention.core_attention.layer_number if config.apply_query_key_layer_scaling
+                          else 1) for layer in self.model.decoder.layers]
 
     def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         if self.tp_group is not None:
@@ -111,12 +115,13 @@ class LeanDecodeStep:
         model = self.model
         if not self.regrouped:
             self._regroup_cache()
+        batch = tokens.shape[0]
         positions = torch.full_like(tokens, position)
         hidden = model.embedding(input_ids=tokens, position_ids=positions)  # [1, b, h]
         rotation = None
         if self.cos is not None:
             rotation = self.cos[position:position + 1], self.sin[position:position + 1]
-        for layer in model.decoder.layers:
+        for layer, scale in zip(model.decoder.layers, self.scales):
             attention, mlp = layer.self_attention, layer.mlp
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -131,11 +136,8 @@ class LeanDecodeStep:
                     rotation = tuple(t.to(query.dtype) for t in rotation)
                 query, key = _rotate(query, *rotation), _rotate(key, *rotation)
             keys, values = self.context.key_value_memory_dict[attention.layer_number]  # [groups, b, positions, d]
-            batch = tokens.shape[0]
             keys[:, :batch, position] = key[0].transpose(0, 1)
             values[:, :batch, position] = value[0].transpose(0, 1)
-            core = attention.core_attention
-            scale = core.softmax_scale * (core.layer_number if self.config.apply_query_key_layer_scaling else 1)
             out = decode_attention(query, keys[:, :batch, :position + 1].permute(2, 1, 0, 3),
                                    values[:, :batch, :position + 1].permute(2, 1, 0, 3), scale)
             out = self._all_reduce(F.linear(out, attention.linear_proj.weight))

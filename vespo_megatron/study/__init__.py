@@ -5,8 +5,8 @@ from one saved warm start per (model, seed): the mini-batch per optimizer update
 to N mini-batches, and every cell runs the same number of updates (vespo_megatron/study/plan.py).
 ``study lr-sweep`` runs the variants at N = 1 over several learning rates, to choose the one rate every
 cell of the staleness study then uses. ``study async`` is the asynchronous arm: each cell a two-rank job (one
-rollout worker, one trainer) with ``rl.max_staleness = K`` (vespo_megatron/study/async_arm.py). Both write ``OUT/<name>.json``, ``OUT/<name>.md`` and PNG plots;
-docs/results.md shows a full run.
+rollout worker, one trainer) with ``rl.max_staleness = K`` (vespo_megatron/study/async_arm.py). Each writes
+``OUT/<name>.json`` and ``OUT/<name>.md`` (staleness and async also PNG plots); docs/results.md shows full runs.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def make_plan(args) -> Plan:
             raise SystemExit(f"study async: --max-staleness {bad} must be >= 0")
         if args.models and "moe" in args.models:
             raise SystemExit("study async: dense only (the arm's rollout worker runs one rank without EP)")
-    staleness = (1,) if sweep or args.what == "async" else tuple(args.staleness or ((1, 4) if quick else (1, 4, 16, 64)))
+    fixed_n = sweep or args.what == "async"
+    staleness = (1,) if fixed_n else tuple(args.staleness or ((1, 4) if quick else (1, 4, 16, 64)))
     out = Path(args.out)
     plan = Plan(variants=variants, staleness=staleness, seeds=args.seeds or (1 if quick else 3),
                 first_seed=args.first_seed,

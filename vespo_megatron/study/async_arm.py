@@ -2,16 +2,16 @@
 
 Every cell is one disaggregated job of two ranks (``parallel.rollout_ranks=1``: one rollout worker and one
 trainer; docs/rl.md, "Disaggregated (asynchronous) mode") that runs the ordinary RL loop
-(:func:`vespo_megatron.rl.loop.run`). The trainer
-first does the same supervised warm-up as the staleness study's warm start (``plan.warmup_steps`` updates at
-the warm-up learning rate), pushes its weights to the worker, then trains ``plan.updates`` updates of one
-mini-batch each (``M`` sequences of whole groups, as every cell of the study) at the study's learning rate.
+(:func:`vespo_megatron.rl.loop.run`). The trainer first does the same supervised warm-up as the staleness
+study's warm start (``plan.warmup_steps`` updates at the warm-up learning rate), pushes its weights to the
+worker, then trains ``plan.updates`` updates of one mini-batch each (``M`` sequences of whole groups, as every
+cell of the study) at the study's learning rate.
 ``rl.max_staleness = K`` bounds the policy lag and the worker samples ``K`` steps ahead (the default
 lookahead for that bound, a weight sync after every update), so once the pipeline is full every trained
 rollout was sampled by the weights of exactly ``K`` updates earlier, while the next rollouts are being
 generated: K = 0 is the synchronous loop. The importance weight's behaviour policy is the sampler
-(``loss.behaviour=sampler``, see ``ARM_OVERRIDES``). What is measured per cell is what the staleness study measures
-(rewards, collapse events, the VESPO diagnostics, greedy accuracy on held-out prompts), plus the lag
+(``loss.behaviour=sampler``, see ``DEFAULT_BEHAVIOUR``). What is measured per cell is what the staleness
+study measures (rewards, collapse events, the VESPO diagnostics, greedy accuracy on held-out prompts), plus the lag
 histogram the trainer logged (``staleness/*``).
 """
 
@@ -35,7 +35,7 @@ only update and every loss ignores the lag."""
 
 def async_cell_dir(plan: Plan, model: str, seed: int, variant: str, bound: int, lr: float,
                    behaviour: str = DEFAULT_BEHAVIOUR) -> Path:
-    suffix = (f"_lr{lr:g}" if len(plan.lrs) > 1 else "") + (f"_{behaviour}" if behaviour != DEFAULT_BEHAVIOUR else "")
+    suffix = plan.lr_suffix(lr) + (f"_{behaviour}" if behaviour != DEFAULT_BEHAVIOUR else "")
     return plan.unit_dir(model, seed) / "async" / f"{variant}_K{bound}{suffix}"
 
 
@@ -69,6 +69,7 @@ def lag_summary(records: list[dict]) -> dict:
 def run_async_cell(plan: Plan, config_path: str, model: str, seed: int, variant: str, bound: int, lr: float,
                    timeout_s: float, behaviour: str = DEFAULT_BEHAVIOUR) -> dict:
     """Run one cell's two-rank job (unless its summary exists) and summarise it."""
+    from vespo_megatron.config import load_config
     from vespo_megatron.metrics import read_metrics
     from vespo_megatron.runtime.local_workers import run_local_workers
 
@@ -82,11 +83,8 @@ def run_async_cell(plan: Plan, config_path: str, model: str, seed: int, variant:
     trainer = next(r for r in ranks if r["role"] == "trainer")
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in r]
     summary = summarise(records, plan.updates)
-    from vespo_megatron.config import load_config
-
-    aggregation = load_config(config_path, overrides).loss.aggregation_mode
-    summary.update(lag_summary(records), aggregation=aggregation, behaviour=behaviour, model=model, seed=seed, variant=variant, K=bound, N=1, lr=lr,
-                   task=plan.task, eval_accuracy=trainer["eval_after"], warm_eval_accuracy=trainer["eval_before"],
+    summary.update(lag_summary(records), aggregation=load_config(config_path, overrides).loss.aggregation_mode,
+                   behaviour=behaviour, model=model, seed=seed, variant=variant, K=bound, N=1, lr=lr, task=plan.task, eval_accuracy=trainer["eval_after"], warm_eval_accuracy=trainer["eval_before"],
                    seconds=time.perf_counter() - started, run_dir=str(run_dir))
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary

@@ -101,9 +101,12 @@ class Plan:
     def unit_dir(self, model: str, seed: int) -> Path:
         return Path(self.runs_dir) / f"{self.task}_{model}_s{seed}"
 
+    def lr_suffix(self, lr: float) -> str:
+        """``_lr<lr>`` in a cell's directory name when the plan has several learning rates, else empty."""
+        return f"_lr{lr:g}" if len(self.lrs) > 1 else ""
+
     def cell_dir(self, model: str, seed: int, variant: str, n: int, lr: float) -> Path:
-        suffix = f"_lr{lr:g}" if len(self.lrs) > 1 else ""
-        return self.unit_dir(model, seed) / f"{variant}_N{n}{suffix}"
+        return self.unit_dir(model, seed) / f"{variant}_N{n}{self.lr_suffix(lr)}"
 
 
 def _options_override(options: dict) -> str:

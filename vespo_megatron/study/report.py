@@ -68,14 +68,15 @@ def write_table(result: dict, plan: Plan, out: Path, command: str, name: str = "
              f"({plan.minibatch_prompts} prompts x {plan.group_size} responses, whole groups); {layout}. "
              "Entries are mean ± std [min, max] over seeds of the greedy accuracy on "
              f"{plan.eval_prompts} held-out prompts after training, then the sampled reward of the last "
-             f"{window(plan.updates)} updates; `ret` = accuracy relative to the same row at {knob} = {base_value}; `!k` = k seeds "
+             f"{window(plan.updates)} updates; `ret` = accuracy relative to the same row at {knob} = {base_value}; "
+             "`!k` = k seeds "
              f"had a collapse event (windowed reward below {COLLAPSE_DROP} x max(best window, first update), "
              f"non-finite loss or grad norm, or vespo/silenced_frac > {SILENCED}).", ""]
     for model in plan.models:
         warm = [w["eval_accuracy"] for w in result.get("warm_starts", []) if w["model"] == model]
-        if not warm:  # the async arm warms up inside each job
-            warm = [c["warm_eval_accuracy"] for c in cells_of(cells, model=model, **{knob: base_value})
-                    if c.get("warm_eval_accuracy") is not None]
+        if not warm:  # the async arm warms up inside each job: one value per seed (all its cells share it)
+            warm = list({c["seed"]: c["warm_eval_accuracy"] for c in cells_of(cells, model=model)
+                         if c.get("warm_eval_accuracy") is not None}.values())
         for lr in plan.lrs:
             lines += [f"## {model}, lr {lr:g} (warm-start greedy accuracy {spread(warm)})", "",
                       "| variant | aggregation | " + " | ".join(f"{knob}={n}" for n in values) + " |",
@@ -97,7 +98,8 @@ def write_table(result: dict, plan: Plan, out: Path, command: str, name: str = "
                     row.append(text + (f" !{collapsed}" if collapsed else ""))
                 lines.append(f"| {variant} | {aggregation} | " + " | ".join(row) + " |")
             if knob == "K":
-                lags = [finite_mean(c.get("lag_mean") for c in cells_of(cells, model=model, lr=lr, K=k)) for k in values]
+                lags = [finite_mean(c.get("lag_mean") for c in cells_of(cells, model=model, lr=lr, K=k))
+                        for k in values]
                 drops = [sum(c.get("dropped_rollouts", 0) for c in cells_of(cells, model=model, lr=lr, K=k))
                          for k in values]
                 lines.append("| measured policy lag (mean; rollouts dropped) | – | "
