@@ -80,6 +80,7 @@ def save_checkpoint(engine, directory_root, step: int, extra_state: dict, keep_l
     """
     from megatron.core import dist_checkpointing
 
+    engine.gather_params()  # the distributed optimizer's lazily gathered parameters, made current
     root = Path(directory_root)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"

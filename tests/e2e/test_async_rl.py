@@ -15,6 +15,7 @@ What is checked:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import time
 
@@ -193,3 +194,80 @@ def test_sampler_behaviour_takes_mu_from_external_rollouts(tmp_path):
     assert all(r["vespo/abs_log_w_mean"] < 1e-5 for r in runs["recompute"])
     assert all(r["vespo/abs_log_w_mean"] > 1.0 for r in runs["sampler"])
     assert runs["sampler_tis"] == runs["sampler"]
+
+
+# ------------------------------------------------------------------ lossless at lookahead >= 2
+
+
+def _killed_trainer(rank, world_size, overrides_, kill_at_step):
+    """The RL loop, except that the trainer SIGKILLs itself as it starts step ``kill_at_step`` (1-based)."""
+    from vespo_megatron.rl import loop
+
+    original = loop.run_step
+
+    def run_step(runner):
+        if runner.split.role == "trainer" and runner.step + 1 == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(runner)
+
+    loop.run_step = run_step
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def _trained_indices(run_dir) -> list[int]:
+    return [int(r["rl/step_index"]) for r in deterministic_records(run_dir)]
+
+
+@pytest.mark.parametrize("lookahead, interruption", [(2, "sigusr1"), (3, "sigkill")])
+def test_lookahead_saves_every_step_and_resumes_without_losing_a_step(tmp_path, lookahead, interruption):
+    """Workers ``lookahead`` steps ahead, a checkpoint after every step, an interruption at step 4: the
+    resumed run trains RL steps 0..T-1 exactly once each and logs what an uninterrupted run logs."""
+    steps = 7
+    common = [f"train.steps={steps}", f"rl.max_staleness={lookahead}", f"rl.lookahead={lookahead}",
+              "checkpoint.save_every=1", *SPLIT]
+    whole = tmp_path / "whole"
+    trainer = run_local_workers(_run_and_weights, 2, overrides(whole, *common, f"checkpoint.dir={whole / 'ckpt'}"),
+                                timeout_s=600)[0]
+    assert _trained_indices(whole / "run") == list(range(steps))
+    assert all(r["staleness/dropped_rollouts"] == 0 for r in deterministic_records(whole / "run"))
+    parts = tmp_path / "parts"
+    part_overrides = overrides(parts, *common, f"checkpoint.dir={parts / 'ckpt'}")
+    if interruption == "sigusr1":
+        stopped = run_local_workers(_signalled_trainer, 2, part_overrides, 4, timeout_s=600)[0]
+        assert stopped["step"] == 4
+    else:
+        with pytest.raises(WorkerError):
+            run_local_workers(_killed_trainer, 2, part_overrides, 4, timeout_s=600)
+    latest = int((parts / "ckpt" / "latest").read_text())
+    assert latest == (4 if interruption == "sigusr1" else 3)
+    from vespo_megatron.checkpoint import load_weights_only
+
+    saved = load_weights_only(parts / "ckpt" / f"step_{latest:08d}" / "ranks" / "rank_00000.pt")["extra_state"]
+    assert [f["index"] for f in saved["remote"]["buffer"]] == list(range(latest, latest + lookahead))
+    resumed = run_local_workers(_run_and_weights, 2, part_overrides, timeout_s=600)[0]
+    assert resumed["step"] == steps
+    assert _trained_indices(parts / "run") == list(range(steps))
+    assert _records(parts / "run") == _records(whole / "run")
+    for name, value in trainer["weights"].items():
+        assert torch.equal(resumed["weights"][name], value), name
+
+
+def test_a_step_out_of_order_is_an_error_naming_both_indices():
+    """The trainer checks every step's index and version, buffered or received."""
+    from types import SimpleNamespace
+
+    from vespo_megatron.rl.weight_sync import WorkerFailure
+    from vespo_megatron.rl.workers import RemoteRollouts
+
+    remote = RemoteRollouts.__new__(RemoteRollouts)
+    remote.config = load(overrides(Path("/tmp"), "rl.lookahead=2", "parallel.rollout_ranks=1"))
+    remote.split = SimpleNamespace(rollout_ranks=(1,))
+    remote.pushes, remote.unverified_before, remote.next_index = [(-1, 0), (0, 1), (1, 2)], 0, 3
+    remote.buffer = [{"index": 4, "version": 1}]
+    with pytest.raises(WorkerFailure, match="sent RL step 4, expected 3"):
+        remote.next_fields()
+    remote.buffer = [{"index": 3, "version": 2}]
+    with pytest.raises(WorkerFailure, match="sampled with policy version 2, expected 1"):
+        remote.next_fields()
+    remote.buffer = [{"index": 3, "version": 1}]
+    assert remote.next_fields()["index"] == 3 and remote.next_index == 4

@@ -397,5 +397,6 @@ def checkpoint_config(root, overrides: list[str]):
 
 def export_checkpoint(engine, root, out_dir, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Optional[Path]:
     """Export the engine's current weights as an HF folder using the metadata saved in checkpoint ``root``."""
+    engine.gather_params()  # collective over data-parallel ranks: every rank calls export_checkpoint
     return export_hf(engine.chunks, Path(root) / HF_SIDECAR, out_dir, max_shard_bytes)
 

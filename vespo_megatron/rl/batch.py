@@ -44,6 +44,8 @@ class Rollout:
     """[n] sampled response lengths before group filtering (for metrics)."""
     behaviour_version: int = 0
     """Optimizer updates applied before these sequences were sampled."""
+    step_index: int = 0
+    """The RL step whose prompts these are (the prompt stream's position and the sampling seed)."""
     routing_indices: Optional[torch.Tensor] = None
     """[n, moe_layers_local, s_local, topk] experts each of this rank's local tokens visited in the
     behaviour pass (rollout.routing_replay; see vespo_megatron/models/routing.py)."""

@@ -143,6 +143,7 @@ def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> flo
     from vespo_megatron.rollout.decode import sample
 
     cfg = runner.config
+    runner.engine.gather_params()  # the decoder reads parameters outside DDP's forward hooks (lean step)
     samples = runner.task.held_out(seed_offset).prompts().next_batch(num_prompts)
     encoded = [runner.tokenizer.encode_prompt(s.prompt) for s in samples]
     micro = 1 if not cfg.parallel.vpp else cfg.parallel.pp
@@ -253,6 +254,7 @@ def run_step(runner: Runner) -> Optional[dict]:
     metrics["lr"] = results[-1].lr
     metrics["train/skipped_updates"] = float(sum(r.skipped for r in results))  # non-finite gradients: no update
     metrics["staleness/policy_lag"] = float(version_before - rollout.behaviour_version)
+    metrics["rl/step_index"] = float(rollout.step_index)  # the RL step whose prompts this update trained on
     metrics.update(runner.staleness.step_metrics())
     metrics["time/train"] = sum(r.seconds["forward_backward"] for r in results)
     metrics["time/optimizer"] = sum(r.seconds["optimizer"] for r in results)

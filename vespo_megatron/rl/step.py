@@ -82,10 +82,12 @@ def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: tor
 def sample_rollout(runner, step: int, prompts: list, version: int) -> Rollout:
     """Sample ``group_size`` responses per prompt with the current weights and score them."""
     cfg, ctx = runner.config, runner.engine.ctx
+    runner.engine.gather_params()  # the decoder reads parameters outside DDP's forward hooks (lean step)
     generated, rewards = sample_and_score(runner.engine, cfg, runner.tokenizer, runner.task, prompts,
                                           rollout_generator(cfg, step, ctx.dp_rank))
     return finish_rollout(runner, generated.sequences, generated.prompt_lengths, generated.response_lengths,
-                          generated.sampler_logprobs, rewards, version, routing_indices=generated.routing_indices)
+                          generated.sampler_logprobs, rewards, version, routing_indices=generated.routing_indices,
+                          step_index=step)
 
 
 def read_external_rollout(runner, version: int) -> Rollout:
@@ -96,11 +98,11 @@ def read_external_rollout(runner, version: int) -> Rollout:
     per_rank = groups // ctx.dp * cfg.rollout.group_size
     rows = torch.arange(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank)
     return finish_rollout(runner, batch.sequences[rows], batch.prompt_lengths[rows], batch.response_lengths[rows],
-                           batch.sampler_logprobs[rows], batch.rewards[rows], version)
+                           batch.sampler_logprobs[rows], batch.rewards[rows], version, step_index=runner.step)
 
 
 def finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_logprobs, rewards, version,
-                   routing_indices=None):
+                   routing_indices=None, step_index: int = 0):
     """Advantages and behaviour log-probs of sampled (or received) sequences: a trainable :class:`Rollout`."""
     cfg = runner.config
     group = cfg.rollout.group_size
@@ -114,6 +116,7 @@ def finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_
         sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=trained_lengths,
         sampler_logprobs=sampler_logprobs, rewards=rewards, advantages=advantages,
         generated_lengths=response_lengths, behaviour_version=version, routing_indices=routing_indices,
+        step_index=step_index,
     )
     compute_old_logprobs(runner, rollout)
     return rollout

@@ -199,7 +199,10 @@ class RemoteRollouts:
         self.buffer: list[dict] = []
         self.pending_headers: list = []
         self.synced_version: Optional[int] = None
-        self.last_sync: dict[str, float] = {}
+        self.pushes: list[tuple[int, int]] = []
+        self.unverified_before = 0
+        """Steps below this came from a checkpoint that did not record its pushes: their version is taken as is."""
+        """``(header index, version)`` of every weight push: which weights sampled which step."""
 
     @property
     def width(self) -> int:
@@ -222,9 +225,11 @@ class RemoteRollouts:
         self._header(index, sync, stop)
         if not sync:
             return {"sync/seconds": 0.0, "sync/bytes": 0.0}
+        self.runner.engine.gather_params()  # every trainer rank: the pushed shards are the optimizer's latest
         metrics = self.weights.push()
         metrics["sync/bytes"] = self.bytes_per_sync
         self.synced_version = version
+        self.pushes.append((index, version))
         return metrics
 
     def start(self) -> dict[str, float]:
@@ -239,33 +244,74 @@ class RemoteRollouts:
         source = replica_leader(self.split, self.config, index)
         what = f"receiving RL step {index} from rollout worker rank {source}"
         _wait(post(dist.irecv, message, source, self.split.control_group, ROLLOUT_TAG, what), self.split.timeout_s, what)
-        fields = _unpack(message, self.width)
+        return self._checked(_unpack(message, self.width), index)
+
+    def expected_version(self, index: int) -> int:
+        """The policy version step ``index`` must have been sampled with.
+
+        A worker reads every header up to ``index - 1 - lookahead`` (and at least the start header, which
+        carries the first push of a run) before it generates step ``index``, so the newest push among
+        them sampled it.
+        """
+        if not self.pushes:
+            raise WorkerFailure(f"RL step {index} arrived before any weight push")
+        last_header = index - 1 - lookahead(self.config)
+        versions = [version for header, version in self.pushes if header <= last_header]
+        return versions[-1] if versions else self.pushes[0][1]
+
+    def _checked(self, fields: dict, index: int) -> dict:
+        """``fields`` if it is step ``index`` sampled with the version the headers imply; else WorkerFailure."""
+        source = replica_leader(self.split, self.config, index)
         if fields["index"] != index:
             raise WorkerFailure(f"rollout worker rank {source} sent RL step {fields['index']}, expected {index}")
+        expected = fields["version"] if index < self.unverified_before else self.expected_version(index)
+        if fields["version"] != expected:
+            raise WorkerFailure(f"RL step {index} from rollout worker rank {source} was sampled with policy version "
+                                f"{fields['version']}, expected {expected} (the push at or before header "
+                                f"{index - 1 - lookahead(self.config)})")
         return fields
 
     def next_fields(self) -> dict:
-        """The next step's sequences (from the buffer kept over a resume, else from its worker)."""
+        """The next step's sequences (from the buffer of sampled-ahead steps, else from its worker), checked."""
         index = self.next_index
+        fields = self._checked(self.buffer.pop(0), index) if self.buffer else self._receive(index)
         self.next_index += 1
-        if self.buffer:
-            return self.buffer.pop(0)
-        return self._receive(index)
+        return fields
 
     def drain(self) -> None:
-        """Receive the steps the workers sampled ahead (they are sent whatever happens) into the buffer."""
+        """Receive the steps the workers sampled ahead (they are sent whatever happens) onto the buffer.
+
+        The buffer always holds consecutive steps from ``next_index``; a drain appends the ones not yet
+        received, so a checkpoint taken at any step holds every sampled-ahead step exactly once.
+        """
         extra = lookahead(self.config)
-        self.buffer = [self._receive(i) for i in range(self.next_index + len(self.buffer), self.next_index + extra)]
+        for index in range(self.next_index + len(self.buffer), self.next_index + extra):
+            self.buffer.append(self._receive(index))
         for dst, work, _ in self.pending_headers:
             _wait(work, self.split.timeout_s, f"header to rollout worker rank {dst}")
         self.pending_headers = []
 
     def state_dict(self) -> dict:
-        return {"next_index": self.next_index, "buffer": [dict(f) for f in self.buffer]}
+        return {"next_index": self.next_index, "buffer": [dict(f) for f in self.buffer],
+                "pushes": [list(p) for p in self._live_pushes()]}
+
+    def _live_pushes(self) -> list[tuple[int, int]]:
+        """The pushes a step not yet received can still have been sampled with (the newest one at or
+        before the oldest header such a step needs, and every later one)."""
+        oldest_needed = self.next_index - 1 - lookahead(self.config)
+        keep_from = max([i for i, (header, _) in enumerate(self.pushes) if header <= oldest_needed], default=0)
+        return self.pushes[keep_from:]
 
     def load_state_dict(self, state: dict) -> None:
         self.next_index = int(state["next_index"])
         self.buffer = list(state["buffer"])
+        self.pushes = [(int(h), int(v)) for h, v in state.get("pushes", [])]
+        if "pushes" not in state:
+            self.unverified_before = self.next_index + len(self.buffer)
+        for offset, fields in enumerate(self.buffer):
+            if fields["index"] != self.next_index + offset:
+                raise ValueError(f"checkpointed rollout buffer holds RL step {fields['index']} at position {offset}, "
+                                 f"expected {self.next_index + offset}: the checkpoint is corrupt")
 
 
 def _numel(shape) -> int:
@@ -280,4 +326,4 @@ def to_rollout(runner, fields: dict) -> Rollout:
     from vespo_megatron.rl.step import finish_rollout
 
     return finish_rollout(runner, fields["sequences"], fields["prompt_lengths"], fields["response_lengths"],
-                          fields["sampler_logprobs"], fields["rewards"], fields["version"])
+                          fields["sampler_logprobs"], fields["rewards"], fields["version"], step_index=fields["index"])

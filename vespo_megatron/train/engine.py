@@ -155,10 +155,37 @@ class Engine:
                     group["max_lr"] = lr
         self.scheduler = _scheduler(config, self.optimizer)
 
+    @property
+    def gathers_params_lazily(self) -> bool:
+        """True when an update leaves parameters to be all-gathered by the next forward pass
+        (``optimizer.overlap_param_gather`` with the distributed optimizer)."""
+        opt = self.config.optimizer
+        return bool(self.optimizer is not None and opt.overlap_param_gather and opt.use_distributed_optimizer)
+
+    def gather_params(self) -> None:
+        """Make every rank's parameters the optimizer's latest values, before they leave the optimizer.
+
+        With ``overlap_param_gather`` Megatron's distributed optimizer does not all-gather the updated
+        parameter shards in ``step()``; DDP's forward pre-hooks finish the gather lazily, module by
+        module, during the next forward. Anything that reads parameters outside such a forward (a weight
+        push, an HF export, a checkpoint, the frozen KL reference, the lean decode step) calls this
+        first. It is Megatron's own forced sync, the one its training loop runs before evaluation and
+        checkpointing: ``optimizer.prepare_model_params_for_param_sync()`` then
+        ``DistributedDataParallel.start_param_sync(force_sync=True)`` on every chunk, which waits for any
+        all-gather in flight and runs a synchronous one. A collective over the data-parallel group: every
+        trainer rank calls it. A no-op without lazy gathers.
+        """
+        if not self.gathers_params_lazily:
+            return
+        self.optimizer.prepare_model_params_for_param_sync()
+        for chunk in self.chunks:
+            chunk.start_param_sync(force_sync=True)
+
     def freeze_reference(self) -> None:
         """Snapshot the current weights into frozen, gradient-free model chunks (the KL reference)."""
         from vespo_megatron.models.gpt import unwrap
 
+        self.gather_params()
         reference = build_model(self.config, self.built.padded_vocab_size).chunks
         for ref, live in zip(reference, self.chunks):
             unwrap(ref).load_state_dict(unwrap(live).state_dict())
