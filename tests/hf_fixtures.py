@@ -31,7 +31,7 @@ def hf_config(family: str, **overrides):
     import transformers
 
     if family == "qwen3":
-        return transformers.Qwen3Config(**_common(intermediate_size=64, **overrides))
+        return transformers.Qwen3Config(**_common(**{"intermediate_size": 64, **overrides}))
     if family == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**_common(
             intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,

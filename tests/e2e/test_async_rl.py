@@ -271,3 +271,60 @@ def test_a_step_out_of_order_is_an_error_naming_both_indices():
         remote.next_fields()
     remote.buffer = [{"index": 3, "version": 1}]
     assert remote.next_fields()["index"] == 3 and remote.next_index == 4
+
+
+# ------------------------------------------------ weights leave the optimizer gathered (DP 2, distributed optimizer)
+
+
+def _received_weights_run(rank, world_size, overrides_):
+    """The RL loop; the rollout worker keeps a copy of its weights after every sync it receives."""
+    from vespo_megatron.rl import weight_sync
+
+    received = []
+    original = weight_sync.WorkerSync.receive
+
+    def receive(self):
+        out = original(self)
+        received.append({name: param.detach().clone() for name, (_, param) in self.local.items()})
+        return out
+
+    weight_sync.WorkerSync.receive = receive
+    result = _run_and_weights(rank, world_size, overrides_)
+    result["received"] = received
+    return result
+
+
+def test_overlap_param_gather_pushes_exports_and_saves_the_updated_weights(tmp_path):
+    """Trainer DP 2 with the distributed optimizer: with ``overlap_param_gather`` (parameters gathered lazily by
+    the next forward) the weights every push delivers, every HF export and every checkpoint equal those of the
+    same run with a synchronous gather in the optimizer step, bit for bit."""
+    from tests.e2e.rl_fixtures import tree_digest
+    from tests.hf_fixtures import build_hf_model
+
+    hf_dir = build_hf_model(tmp_path / "hf", "qwen3", hidden_size=64, intermediate_size=128, head_dim=16)
+    runs = {}
+    for overlap in (False, True):
+        out = tmp_path / f"overlap_{overlap}"
+        extra = [f"model.hf_path={hf_dir}", "train.steps=3", "rl.max_staleness=1", "checkpoint.save_every=1",
+                 "checkpoint.export_hf_every=1", "checkpoint.keep_last=5", f"checkpoint.dir={out / 'ckpt'}", "train.micro_batch_size=2",
+                 "optimizer.use_distributed_optimizer=true", "optimizer.overlap_grad_reduce=true",
+                 f"optimizer.overlap_param_gather={str(overlap).lower()}", "optimizer.lr=1e-2",
+                 "optimizer.weight_decay=0.1", *SPLIT]  # decay moves every weight even where rewards tie
+        results = run_local_workers(_received_weights_run, 3, overrides(out, *extra), timeout_s=600)
+        runs[overlap] = {"worker": results[2], "trainers": results[:2], "dir": out}
+    synchronous, lazy = runs[False], runs[True]
+    assert len(lazy["worker"]["received"]) == 3  # the start, then after updates 1 and 2 (none after the last)
+    for step, (want, got) in enumerate(zip(synchronous["worker"]["received"], lazy["worker"]["received"])):
+        for name, value in want.items():
+            assert torch.equal(got[name], value), f"push {step}: {name}"
+    first, last = lazy["worker"]["received"][0], lazy["worker"]["received"][-1]
+    assert any(not torch.equal(first[n], last[n]) for n in first), "no update reached the worker"
+    for trainer in lazy["trainers"]:
+        for name, value in trainer["weights"].items():
+            assert torch.equal(value, synchronous["trainers"][0]["weights"][name]), name
+    for step in (1, 2, 3):
+        want = tree_digest(synchronous["dir"] / "ckpt" / "hf" / f"step_{step:08d}")
+        assert want and tree_digest(lazy["dir"] / "ckpt" / "hf" / f"step_{step:08d}") == want, step
+        tensors = [{k: v for k, v in tree_digest(run["dir"] / "ckpt" / f"step_{step:08d}").items()
+                    if k.endswith(".distcp")} for run in (synchronous, lazy)]  # the saved tensors' bytes
+        assert tensors[0] and tensors[1] == tensors[0], step

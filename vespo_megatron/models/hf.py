@@ -183,12 +183,12 @@ def resolve_model_config(model, given_keys) -> object:
     """``model`` with every HF-derived field set from ``model.hf_path``.
 
     ``given_keys`` are the ``model`` keys the user wrote (YAML or overrides); one whose value differs
-    from the HF config is a ConfigError naming both values.
+    from the HF config is a ConfigError naming both values (a key written as null is left to the HF config).
     """
     derived = derived_model_fields(model.hf_path)
     for key in sorted(set(given_keys) & set(derived)):
         ours, theirs = getattr(model, key), derived[key]
-        if not _same(ours, theirs):
+        if ours is not None and not _same(ours, theirs):
             raise ConfigError(f"model.{key}={ours!r} contradicts {Path(model.hf_path) / 'config.json'}, which gives "
                               f"{theirs!r}; remove model.{key} (it is derived from model.hf_path) or fix it")
     return replace(model, **derived)
