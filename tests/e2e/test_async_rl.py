@@ -52,7 +52,9 @@ def _records(run_dir):
 
 
 def test_disaggregated_staleness_zero_reproduces_colocated(tmp_path):
-    common = ["train.steps=3", "rl.max_staleness=0", "rl.num_minibatches=2", "train.micro_batch_size=2"]
+    # the same algorithm on both sides: mu recomputed by the trainer (exact at lag 0, which K=0 enforces)
+    common = ["train.steps=3", "rl.max_staleness=0", "rl.num_minibatches=2", "train.micro_batch_size=2",
+              "loss.behaviour=recompute"]
     colocated = run_local_workers(_run_and_weights, 1, overrides(tmp_path / "colocated", *common),
                                   timeout_s=600)[0]
     split = run_local_workers(_run_and_weights, 2, overrides(tmp_path / "split", *common, *SPLIT, "rl.sync_every=1"),
@@ -328,3 +330,16 @@ def test_overlap_param_gather_pushes_exports_and_saves_the_updated_weights(tmp_p
         tensors = [{k: v for k, v in tree_digest(run["dir"] / "ckpt" / f"step_{step:08d}").items()
                     if k.endswith(".distcp")} for run in (synchronous, lazy)]  # the saved tensors' bytes
         assert tensors[0] and tensors[1] == tensors[0], step
+
+
+def test_recompute_with_lag_and_no_correction_is_refused():
+    from vespo_megatron.config import validate
+    from vespo_megatron.config.errors import ConfigError
+
+    base = overrides(Path("/tmp"), "parallel.rollout_ranks=1", "rl.max_staleness=2")
+    assert load(base).loss.behaviour == "sampler"  # the default in disaggregated mode
+    assert load(overrides(Path("/tmp"))).loss.behaviour == "recompute"  # and colocated
+    with pytest.raises(ConfigError, match="loss.behaviour=recompute with rollouts up to 2 versions behind"):
+        validate(load(base + ["loss.behaviour=recompute"]), 2)
+    for accepted in (["loss.correction.mode=tis"], ["loss.allow_uncorrected_lag=true"], ["rl.max_staleness=0"]):
+        validate(load(base + ["loss.behaviour=recompute", *accepted]), 2)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vespo_megatron.config import ConfigError, load_config, validate
-from vespo_megatron.rl.staleness import StalenessManager, default_lookahead, worst_staleness
+from vespo_megatron.config.rl import default_lookahead, worst_staleness
+from vespo_megatron.rl.staleness import StalenessManager
 
 
 def _simulated_worst(lookahead: int, n: int, s: int, steps: int = 200) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -25,12 +26,17 @@ class LossConfig:
     vespo, seq-mean-token-mean for grpo/gspo/sapo, token-mean for cispo."""
     chunk_size: int = 1024
     """Tokens whose vocabulary-parallel logits are materialised at once in the loss."""
-    behaviour: Literal["recompute", "sampler"] = "recompute"
+    behaviour: Optional[Literal["recompute", "sampler"]] = None
     """Where log mu (the behaviour policy of the importance weight) comes from. 'recompute': a forward
     pass of the trainer's weights as the rollout enters training: the sampling weights themselves when
     the rollout is fresh (colocated mode, or staleness 0), a newer proximal policy otherwise, with
     loss.correction (TIS/MIS) covering the gap to the sampler's log-probs. 'sampler': the sampler's own
-    per-token log-probs (also for external JSONL rollouts); no extra forward pass. docs/rl.md."""
+    per-token log-probs (also for external JSONL rollouts), so log W spans any policy lag. None (the
+    default) picks 'sampler' with parallel.rollout_ranks > 0 (disaggregated: rollouts lag the trainer)
+    and 'recompute' otherwise. docs/rl.md."""
+    allow_uncorrected_lag: bool = False
+    """Disaggregated mode: accept loss.behaviour=recompute with no loss.correction while rollouts can lag
+    the trainer (then log W is 0 whatever the lag: the lag goes uncorrected). Refused unless set."""
     correction: CorrectionParams = field(default_factory=CorrectionParams)
     """Train/inference correction between the trainer's old-policy log-probs and the sampler's."""
     vespo: VespoParams = field(default_factory=VespoParams)
@@ -114,6 +120,24 @@ class RolloutConfig:
                  f"rollout.stop={self.stop!r} must be a list of non-empty strings")
 
 
+def worst_staleness(lookahead: int, num_minibatches: int, sync_every: int) -> int:
+    """Largest ``c - v`` of a step entering training when rollout workers run ``lookahead`` steps ahead.
+
+    The step ``i`` enters training at version ``i N`` and was sampled with the last push at or before
+    version ``(i - L) N``, i.e. ``floor((i - L) N / S) S``; the gap's worst case over ``i`` is
+    ``L N + S - gcd(N, S)``.
+    """
+    return lookahead * num_minibatches + sync_every - math.gcd(num_minibatches, sync_every)
+
+
+def default_lookahead(max_staleness: Optional[int], num_minibatches: int, sync_every: int) -> int:
+    """The largest lookahead whose :func:`worst_staleness` stays within ``max_staleness`` (1 if unbounded)."""
+    if max_staleness is None:
+        return 1
+    slack = max_staleness - worst_staleness(0, num_minibatches, sync_every)
+    return max(slack // num_minibatches, 0)
+
+
 @dataclass(kw_only=True)
 class RLConfig:
     """The RL loop: advantages, staleness and asynchrony."""
@@ -156,6 +180,19 @@ class RLConfig:
     """KL penalty to a frozen reference (the policy when RL starts): each sequence's loss gains
     kl_coef * sg(S - S_ref) * S with S = sum_t log pi(y_t), the score-function gradient of KL(pi || ref).
     0 disables it (no reference model is built)."""
+
+    @property
+    def lookahead_steps(self) -> int:
+        """Disaggregated mode: ``lookahead``, or the largest that keeps within ``max_staleness``."""
+        if self.lookahead is not None:
+            return self.lookahead
+        return default_lookahead(self.max_staleness, self.num_minibatches, self.sync_every)
+
+    @property
+    def max_admitted_lag(self) -> int:
+        """Disaggregated mode: the largest policy lag a trained rollout can have (versions behind the trainer)."""
+        worst = worst_staleness(self.lookahead_steps, self.num_minibatches, self.sync_every)
+        return worst if self.max_staleness is None else min(worst, self.max_staleness)
 
     def __post_init__(self) -> None:
         _require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vespo_megatron.config.model import ModelConfig
 from vespo_megatron.config.parallel import ParallelConfig
@@ -24,6 +24,10 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.behaviour is None:  # disaggregated rollouts lag the trainer: the sampler's log-probs are mu
+            self.loss = replace(self.loss, behaviour="sampler" if self.parallel.rollout_ranks else "recompute")
 
     @property
     def seq_length(self) -> int:

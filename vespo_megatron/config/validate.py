@@ -28,7 +28,7 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
     """Disaggregated mode: the rank split, the rollout layout and the staleness schedule."""
     import math
 
-    from vespo_megatron.rl.staleness import worst_staleness
+    from vespo_megatron.config.rl import worst_staleness
 
     par, rl, rollout_tp = config.parallel, config.rl, config.rollout.parallel.tp
     if config.rl.max_staleness is not None and not par.rollout_ranks:
@@ -76,6 +76,13 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
     _require(rl.async_lag == 0,
              f"rl.async_lag={rl.async_lag} simulates asynchrony in colocated mode; with parallel.rollout_ranks > 0 "
              "use rl.lookahead / rl.max_staleness instead and set async_lag=0")
+    loss = config.loss
+    lag = rl.max_admitted_lag
+    _require(loss.behaviour != "recompute" or lag == 0 or loss.correction.mode != "none" or loss.allow_uncorrected_lag,
+             f"loss.behaviour=recompute with rollouts up to {lag} versions behind the trainer (rl.lookahead="
+             f"{rl.lookahead_steps}, rl.max_staleness={rl.max_staleness}) and loss.correction.mode=none makes log W 0 "
+             "whatever the lag; use loss.behaviour=sampler, set loss.correction.mode=tis|mis, or opt in with "
+             "loss.allow_uncorrected_lag=true")
 
 
 def _validate_grid(par: ParallelConfig, world_size: int) -> None:

@@ -10,33 +10,15 @@ update.
 In disaggregated mode the workers' pace follows from the same numbers: a worker generates RL step ``i``
 only after the trainer has finished step ``i - 1 - L`` (``L`` = lookahead) and uses the newest weights
 pushed by then. With ``N`` updates per step and a push every ``S`` updates the worst staleness of a
-step that is not dropped is ``L * N + S - gcd(N, S)`` (:func:`worst_staleness`), so
-:func:`default_lookahead` picks the largest ``L`` that keeps it within ``K``.
+step that is not dropped is ``L * N + S - gcd(N, S)``
+(:func:`vespo_megatron.config.rl.worst_staleness`, kept with the config it validates), so
+:func:`~vespo_megatron.config.rl.default_lookahead` picks the largest ``L`` that keeps it within ``K``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
-
-
-def worst_staleness(lookahead: int, num_minibatches: int, sync_every: int) -> int:
-    """Largest ``c - v`` of a step entering training when workers run ``lookahead`` steps ahead.
-
-    The step ``i`` enters training at version ``i N`` and was sampled with the last push at or before
-    version ``(i - L) N``, i.e. ``floor((i - L) N / S) S``; the gap's worst case over ``i`` is
-    ``L N + S - gcd(N, S)``.
-    """
-    return lookahead * num_minibatches + sync_every - math.gcd(num_minibatches, sync_every)
-
-
-def default_lookahead(max_staleness: Optional[int], num_minibatches: int, sync_every: int) -> int:
-    """The largest lookahead whose :func:`worst_staleness` stays within ``max_staleness`` (1 if unbounded)."""
-    if max_staleness is None:
-        return 1
-    slack = max_staleness - worst_staleness(0, num_minibatches, sync_every)
-    return max(slack // num_minibatches, 0)
 
 
 @dataclass

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from vespo_megatron.rl.batch import Rollout
-from vespo_megatron.rl.staleness import default_lookahead
 from vespo_megatron.rl.weight_sync import (
     TrainerSync,
     WorkerFailure,
@@ -43,10 +42,7 @@ _HEADER_FIELDS = 4  # index, version, sync, stop
 
 
 def lookahead(config) -> int:
-    rl = config.rl
-    if rl.lookahead is not None:
-        return rl.lookahead
-    return default_lookahead(rl.max_staleness, rl.num_minibatches, rl.sync_every)
+    return config.rl.lookahead_steps
 
 
 def sequences_per_share(config, trainer_dp: int) -> int:

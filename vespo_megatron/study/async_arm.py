@@ -43,7 +43,8 @@ def async_cell_overrides(plan: Plan, model: str, seed: int, variant: str, bound:
                          behaviour: str = DEFAULT_BEHAVIOUR) -> list[str]:
     """A one-mini-batch rollout per update, K updates of lag, the warm-up inside the job."""
     return cell_overrides(plan, model, seed, variant, 1, lr) + ARM_OVERRIDES + [
-        f"loss.behaviour={behaviour}", f"rl.max_staleness={bound}", f"rl.sft_warmup_steps={plan.warmup_steps}",
+        f"loss.behaviour={behaviour}", f"loss.allow_uncorrected_lag={str(behaviour == 'recompute').lower()}",
+        f"rl.max_staleness={bound}", f"rl.sft_warmup_steps={plan.warmup_steps}",
         f"rl.sft_lr={WARMUP_LR}", f"logging.run_dir={async_cell_dir(plan, model, seed, variant, bound, lr, behaviour)}",
     ]
 
