@@ -343,3 +343,24 @@ def test_recompute_with_lag_and_no_correction_is_refused():
         validate(load(base + ["loss.behaviour=recompute"]), 2)
     for accepted in (["loss.correction.mode=tis"], ["loss.allow_uncorrected_lag=true"], ["rl.max_staleness=0"]):
         validate(load(base + ["loss.behaviour=recompute", *accepted]), 2)
+
+
+def test_default_disaggregated_run_puts_the_lag_into_log_w_and_reports_the_mismatch(tmp_path):
+    """Default behaviour (the sampler's log-probs as mu), workers 2 steps ahead: at lag 0 log W and the mismatch
+    metrics are float noise (same weights on both sides, fp32 CPU); at lag 2 both span the policy change. A
+    colocated token-level run reports the per-token mismatch as noise too."""
+    # weight decay moves the weights every update even where the tiny model's rewards tie
+    moving = ["optimizer.lr=1e-2", "optimizer.weight_decay=0.5"]
+    run_local_workers(_run_and_weights, 2, overrides(tmp_path / "split", "train.steps=4", "rl.max_staleness=2",
+                                                     *moving, *SPLIT), timeout_s=600)
+    records = deterministic_records(tmp_path / "split" / "run")
+    assert [r["staleness/policy_lag"] for r in records] == [0.0, 1.0, 2.0, 2.0]
+    fresh, stale = records[0], records[-1]
+    assert fresh["mismatch/seq_abs_log_ratio_max"] < 1e-4 and fresh["vespo/abs_log_w_mean"] < 1e-4, fresh
+    assert stale["vespo/abs_log_w_mean"] > 100 * max(fresh["vespo/abs_log_w_mean"], 1e-6), stale
+    assert stale["mismatch/seq_abs_log_ratio_mean"] == pytest.approx(stale["vespo/abs_log_w_mean"], rel=1e-4)
+    run_local_workers(_run_and_weights, 1, overrides(tmp_path / "colocated", "train.steps=2", "loss.name=grpo",
+                                                     *moving), timeout_s=600)
+    for record in deterministic_records(tmp_path / "colocated" / "run"):
+        assert record["mismatch/token_abs_log_ratio_max"] < 1e-5, record
+        assert abs(record["mismatch/kl_k1_per_seq"]) < 1e-4, record

@@ -170,6 +170,10 @@ class RLConfig:
     """Divide group-centred rewards by the group's std (GRPO); false keeps mean-centring only."""
     filter_uniform_groups: bool = False
     """Drop groups whose rewards are all equal (they carry no advantage signal)."""
+    mismatch_metrics: bool = True
+    """Report mismatch/* every step: the trainer's log-probs as a rollout enters training against the sampler's
+    (docs/rl.md). With loss.behaviour=recompute they come free with mu; with 'sampler' they cost one
+    forward pass per rollout, which false skips."""
     sft_warmup_steps: int = 0
     """Supervised steps on the task's reference answers before RL starts."""
     sft_lr: Optional[float] = None

@@ -36,6 +36,9 @@ class Rollout:
     """[n]"""
     old_logprob_sums: Optional[torch.Tensor] = None
     """[n] sum over the response of log pi_old (trainer weights at sampling time)."""
+    trainer_logprob_sums: Optional[torch.Tensor] = None
+    """[n] sum over the response of the trainer's log-probs as the rollout entered training (the mismatch
+    metrics' side of the comparison with the sampler; ``old_logprob_sums`` with loss.behaviour=recompute)."""
     ref_logprob_sums: Optional[torch.Tensor] = None
     """[n] sum over the response of log pi_ref (frozen reference; only with rl.kl_coef > 0)."""
     old_token_logprobs: Optional[torch.Tensor] = None

@@ -148,8 +148,10 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
     micro = micro_batches(rollout, rows, cfg.train.micro_batch_size, ctx)
     if cfg.loss.behaviour == "sampler":
         use_sampler_logprobs(rollout, token_level=cfg.loss.name != "vespo")
+        if cfg.rl.mismatch_metrics:
+            rollout.trainer_logprob_sums = _logprob_sums(runner, micro, engine.chunks)
         if engine.reference_chunks is not None:
-            rollout.ref_logprob_sums = _reference_logprob_sums(runner, micro)
+            rollout.ref_logprob_sums = _logprob_sums(runner, micro, engine.reference_chunks)
         return
     temperature, chunk = cfg.rollout.temperature, cfg.loss.chunk_size
     token_level = cfg.loss.name != "vespo"
@@ -185,8 +187,9 @@ def compute_old_logprobs(runner, rollout: Rollout) -> None:
         rollout.old_logprob_sums = (values * rollout.response_token_mask()[:, 1:]).sum(dim=1)
     else:
         rollout.old_logprob_sums = values
+    rollout.trainer_logprob_sums = rollout.old_logprob_sums
     if engine.reference_chunks is not None:
-        rollout.ref_logprob_sums = _reference_logprob_sums(runner, micro)
+        rollout.ref_logprob_sums = _logprob_sums(runner, micro, engine.reference_chunks)
 
 
 def use_sampler_logprobs(rollout: Rollout, token_level: bool) -> None:
@@ -197,13 +200,12 @@ def use_sampler_logprobs(rollout: Rollout, token_level: bool) -> None:
         rollout.old_token_logprobs = (rollout.sampler_logprobs * mask)[:, 1:].contiguous()
 
 
-def _reference_logprob_sums(runner, micro) -> torch.Tensor:
-    """Per-sequence log-prob sums under the frozen reference (for the KL penalty), on every stage."""
+def _logprob_sums(runner, micro, chunks) -> torch.Tensor:
+    """Per-sequence log-prob sums under ``chunks`` (the trainer's, or the frozen KL reference), on every stage."""
     cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
     head = old_logprob_sums_head(ctx, cfg.rollout.temperature, cfg.loss.chunk_size)
     with torch.no_grad():
-        reports = engine._run_schedule(micro, head, forward_only=True, emit_hidden_states=True,
-                                       chunks=engine.reference_chunks)
+        reports = engine._run_schedule(micro, head, forward_only=True, emit_hidden_states=True, chunks=chunks)
     values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu() if reports else torch.zeros(
         sum(b["tokens"].shape[0] for b in micro))
     return _from_last_stage(values, ctx)
@@ -218,13 +220,49 @@ def _from_last_stage(values: torch.Tensor, ctx) -> torch.Tensor:
     return buffer.cpu()
 
 
+def _dp_max(values: list[float], ctx) -> list[float]:
+    if ctx.dp == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device(ctx.dp_group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+    return tensor.tolist()
+
+
+def mismatch_metrics(rollout: Rollout, ctx) -> dict[str, float]:
+    """The trainer's log-probs as the rollout enters training against the sampler's (``mismatch/*``).
+
+    Per sequence, ``d = sum_t (log pi_trainer - log mu_sampler)``: mean and max of ``|d|`` and the k1 estimate
+    ``mean(-d)`` of KL(mu || pi_trainer) per sequence; per token the mean and max of ``|log pi_trainer -
+    log mu_sampler|`` where the trainer's per-token log-probs exist (token-level losses under recompute).
+    With the same weights on both sides (colocated, or disaggregated at lag 0) this is the train/inference
+    mismatch alone; with a lag it also holds the policy change. Collective over data-parallel ranks.
+    """
+    if rollout.trainer_logprob_sums is None:
+        return {}
+    responded = rollout.response_lengths > 0
+    diff = (rollout.trainer_logprob_sums - rollout.sampler_logprob_sums())[responded].double()
+    abs_sum, kl_sum, count = _dp_sum([diff.abs().sum().item(), (-diff).sum().item(), float(diff.numel())], ctx)
+    local_max = [diff.abs().max().item() if diff.numel() else 0.0]
+    metrics = {"mismatch/seq_abs_log_ratio_mean": abs_sum / max(count, 1.0),
+               "mismatch/seq_abs_log_ratio_max": _dp_max(local_max, ctx)[0],
+               "mismatch/kl_k1_per_seq": kl_sum / max(count, 1.0)}
+    if rollout.old_token_logprobs is not None and rollout.trainer_logprob_sums is rollout.old_logprob_sums:
+        mask = rollout.response_token_mask()[:, 1:].bool()
+        token_diff = (rollout.old_token_logprobs - rollout.sampler_logprobs[:, 1:])[mask].double().abs()
+        total, tokens = _dp_sum([token_diff.sum().item(), float(token_diff.numel())], ctx)
+        metrics["mismatch/token_abs_log_ratio_mean"] = total / max(tokens, 1.0)
+        metrics["mismatch/token_abs_log_ratio_max"] = _dp_max([token_diff.max().item() if token_diff.numel()
+                                                               else 0.0], ctx)[0]
+    return metrics
+
+
 def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:
     generated = (rollout.generated_lengths if rollout.generated_lengths is not None
                  else rollout.response_lengths).float()
     correct = (rollout.rewards >= 1.0).float()
     sums = _dp_sum([rollout.rewards.sum().item(), correct.sum().item(), generated.sum().item(),
                     float(rollout.size)], ctx)
-    metrics = {}
+    metrics = mismatch_metrics(rollout, ctx)
     if rollout.routing_mismatch_frac is not None:  # already reduced over all ranks
         metrics["rollout/routing_mismatch_frac"] = float(rollout.routing_mismatch_frac)
     if rollout.ref_logprob_sums is not None:
