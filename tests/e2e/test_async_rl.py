@@ -364,3 +364,36 @@ def test_default_disaggregated_run_puts_the_lag_into_log_w_and_reports_the_misma
     for record in deterministic_records(tmp_path / "colocated" / "run"):
         assert record["mismatch/token_abs_log_ratio_max"] < 1e-5, record
         assert abs(record["mismatch/kl_k1_per_seq"]) < 1e-4, record
+
+
+def _counting_decodes(rank, world_size, overrides_):
+    """The RL loop; a rollout worker counts its calls into the sampler."""
+    from vespo_megatron.rl import step
+
+    calls = []
+    original = step.sample_and_score
+
+    def sample_and_score(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    step.sample_and_score = sample_and_score
+    result = _run_and_weights(rank, world_size, overrides_)
+    result["decodes"] = len(calls)
+    return result
+
+
+def test_worker_decodes_all_trainer_shares_in_one_batch_and_samples_what_colocated_ranks_sample(tmp_path):
+    """Trainer DP 2: the worker runs one decode per step for both shares; at lag 0 the run trains exactly what
+    two colocated data-parallel ranks (each decoding its own share) train."""
+    common = ["train.steps=3", "rl.max_staleness=0", "loss.behaviour=recompute", "train.micro_batch_size=2"]
+    colocated = run_local_workers(_run_and_weights, 2, overrides(tmp_path / "colocated", *common), timeout_s=600)
+    split = run_local_workers(_counting_decodes, 3, overrides(tmp_path / "split", *common, *SPLIT), timeout_s=600)
+    assert split[2]["role"] == "rollout" and split[2]["decodes"] == 3
+
+    def trained(run_dir):  # the sampler's log-probs of a batch of 32 may differ from two of 16 in the last bit
+        return [{k: v for k, v in r.items() if not k.startswith("mismatch/")} for r in _records(run_dir)]
+
+    assert trained(tmp_path / "split" / "run") == trained(tmp_path / "colocated" / "run")
+    for name, value in colocated[0]["weights"].items():
+        assert torch.equal(split[0]["weights"][name], value), name

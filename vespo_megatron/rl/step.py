@@ -12,7 +12,7 @@ increasingly stale behaviour policy.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -22,15 +22,9 @@ from vespo_megatron.rl.advantages import group_advantages, informative_groups
 from vespo_megatron.rl.batch import Rollout, micro_batches, minibatch_rows
 from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
 from vespo_megatron.rollout.decode import sample
+from vespo_megatron.rollout.generate import draw_uniforms
 from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.train.batches import context_parallel_chunks
-
-
-@dataclass
-class RolloutStats:
-    """What the logger reports about a rollout (reduced over data-parallel ranks)."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _dp_sum(values: list[float], ctx) -> list[float]:
@@ -62,10 +56,22 @@ def rollout_generator(cfg, step: int, dp_rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + dp_rank)
 
 
-def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: torch.Generator):
+def share_uniforms(cfg, step: int, shares: int, sequences_per_share: int) -> torch.Tensor:
+    """The uniforms table of ``shares`` trainer data-parallel shares of RL step ``step``, side by side.
+
+    Each share draws from its own :func:`rollout_generator`, so decoding every share in one batch samples
+    exactly what decoding them one by one (or on the colocated ranks) samples.
+    """
+    return torch.cat([draw_uniforms(rollout_generator(cfg, step, share), cfg.rollout.max_new_tokens,
+                                    sequences_per_share) for share in range(shares)], dim=1)
+
+
+def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: Optional[torch.Generator],
+                     uniforms: Optional[torch.Tensor] = None):
     """``group_size`` responses per prompt with ``engine``'s current weights, and their rewards.
 
-    The one call into the sampler for RL steps (colocated ranks and rollout workers alike).
+    The one call into the sampler for RL steps (colocated ranks and rollout workers alike). ``uniforms``
+    (from :func:`share_uniforms`) replaces ``generator`` when several shares are decoded as one batch.
     """
     group = cfg.rollout.group_size
     samples = [s for s in prompts for _ in range(group)]
@@ -73,7 +79,7 @@ def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: tor
     stop = tuple(tuple(tokenizer.encode(text)) for text in cfg.rollout.stop)
     generated = sample(
         engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=tokenizer.stop_ids,
-        pad_id=tokenizer.pad_id, generator=generator, vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id, generator=generator, uniforms=uniforms, vocab_size=tokenizer.vocab_size,
         stop_sequences=stop, record_routing=cfg.rollout.routing_replay,
     )
     return generated, score(task, tokenizer, generated, samples)

@@ -58,6 +58,14 @@ def _pack(generated, rewards, version: int, index: int) -> torch.Tensor:
     return torch.cat([generated.sequences.double(), generated.sampler_logprobs.double(), tail], dim=1)
 
 
+def _rows(generated, start: int, count: int):
+    """Rows ``start .. start + count`` of a decode's sequences, lengths and sampler log-probs."""
+    return replace(generated, sequences=generated.sequences[start:start + count],
+                   prompt_lengths=generated.prompt_lengths[start:start + count],
+                   response_lengths=generated.response_lengths[start:start + count],
+                   sampler_logprobs=generated.sampler_logprobs[start:start + count])
+
+
 def _unpack(message: torch.Tensor, width: int) -> dict:
     return {"sequences": message[:, :width].long(), "sampler_logprobs": message[:, width : 2 * width].float(),
             "prompt_lengths": message[:, 2 * width].long(), "response_lengths": message[:, 2 * width + 1].long(),
@@ -136,19 +144,18 @@ class RolloutWorker:
         return index, version, bool(sync), bool(stop)
 
     def _generate(self, step: int) -> list[torch.Tensor]:
-        from vespo_megatron.rl.step import rollout_generator, sample_and_score
+        """Step ``step``'s messages, one per trainer data-parallel share, from one batched decode."""
+        from vespo_megatron.rl.step import sample_and_score, share_uniforms
 
         batch = self.prompts.next_batch(self.config.rollout.prompts_per_step)
         if step % replicas(self.config) != self.ctx.dp_rank:
             return []
-        per_rank = self.config.rollout.prompts_per_step // self.trainer_dp
-        messages = []
-        for share in range(self.trainer_dp):
-            generated, rewards = sample_and_score(
-                self.engine, self.config, self.tokenizer, self.task, batch[share * per_rank : (share + 1) * per_rank],
-                rollout_generator(self.config, step, share))
-            messages.append(_pack(generated, rewards, self.version, step))
-        return messages
+        per_share = sequences_per_share(self.config, self.trainer_dp)
+        generated, rewards = sample_and_score(
+            self.engine, self.config, self.tokenizer, self.task, batch, generator=None,
+            uniforms=share_uniforms(self.config, step, self.trainer_dp, per_share))
+        return [_pack(_rows(generated, share * per_share, per_share), rewards[share * per_share:(share + 1) * per_share],
+                      self.version, step) for share in range(self.trainer_dp)]
 
     def _send(self, messages: list[torch.Tensor]) -> list:
         if self.ctx.tp_rank != 0 or not messages:

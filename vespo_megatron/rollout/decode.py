@@ -51,11 +51,11 @@ from vespo_megatron.rollout.generate import (
     Generated,
     any_rank_active,
     check_prompts,
-    draw_uniforms,
     generate,
     hits_stop,
     lockstep_group,
     stop_id_set,
+    uniforms_table,
 )
 from vespo_megatron.rollout.decode_step import LeanDecodeStep, lean_step_blocker
 from vespo_megatron.rollout.sampling import sample_next_tokens
@@ -261,8 +261,9 @@ def decode(
     seq_length: int,
     eos_id: int | list[int],
     pad_id: int,
-    generator: torch.Generator,
+    generator: Optional[torch.Generator],
     greedy: bool = False,
+    uniforms: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
     stop_sequences: tuple[tuple[int, ...], ...] = (),
     record_routing: bool = False,
@@ -281,7 +282,7 @@ def decode(
         raise ValueError("the KV-cache decoder needs parallel.cp=1; use rollout.engine=recompute with cp > 1")
     n = len(prompts)
     prompt_lengths = check_prompts(prompts, settings.max_new_tokens, seq_length)
-    uniforms = draw_uniforms(generator, settings.max_new_tokens, n)
+    uniforms = uniforms_table(generator, uniforms, settings.max_new_tokens, n)
     state = _Rows(prompts, prompt_lengths, seq_length, pad_id)
     recorder = routing_recorder(engine) if record_routing else None
     trace = None

@@ -129,6 +129,18 @@ def draw_uniforms(generator: torch.Generator, max_new_tokens: int, n: int) -> to
     return torch.rand(max_new_tokens, n, generator=generator)
 
 
+def uniforms_table(generator: Optional[torch.Generator], uniforms: Optional[torch.Tensor], max_new_tokens: int,
+                   n: int) -> torch.Tensor:
+    """The decoders' ``[max_new_tokens, n]`` table: ``uniforms`` when the caller drew it (several seeded shares
+    decoded as one batch), else drawn from ``generator``."""
+    if uniforms is None:
+        return draw_uniforms(generator, max_new_tokens, n)
+    if tuple(uniforms.shape) != (max_new_tokens, n):
+        raise ValueError(f"uniforms of shape {tuple(uniforms.shape)} given for {n} prompts of up to {max_new_tokens} "
+                         f"new tokens; expected ({max_new_tokens}, {n})")
+    return uniforms
+
+
 def stop_id_set(eos_id) -> frozenset[int]:
     """``eos_id`` as a set of stop ids (an int, or a list of ints)."""
     return frozenset([int(eos_id)] if isinstance(eos_id, int) else (int(i) for i in eos_id))
@@ -172,8 +184,9 @@ def generate(
     seq_length: int,
     eos_id: int | list[int],
     pad_id: int,
-    generator: torch.Generator,
+    generator: Optional[torch.Generator],
     greedy: bool = False,
+    uniforms: Optional[torch.Tensor] = None,
     vocab_size: int | None = None,
     stop_sequences: tuple[tuple[int, ...], ...] = (),
 ) -> Generated:
@@ -192,7 +205,7 @@ def generate(
     ctx = engine.ctx
     n = len(prompts)
     prompt_lengths = check_prompts(prompts, settings.max_new_tokens, seq_length)
-    uniforms = draw_uniforms(generator, settings.max_new_tokens, n)
+    uniforms = uniforms_table(generator, uniforms, settings.max_new_tokens, n)
     sequences = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         sequences[row, : len(prompt)] = torch.tensor(prompt)
