@@ -5,8 +5,9 @@ What is checked:
    colocated single-process run bit for bit (every metric, the final weights);
 2. with rl.max_staleness=2 and workers running further ahead than the bound allows, rollouts are
    dropped and counted, and every trained sequence is at most 2 versions old (some are older than 0);
-3. a rollout worker killed with SIGKILL, or one that stops answering, makes the trainer fail within
-   rl.worker_timeout_s with an error naming the worker's rank, and the job resumes from the last checkpoint;
+3. a rollout worker killed with SIGKILL, or one that stops answering (SIGSTOP: no heartbeat), makes the
+   trainer fail within rl.worker_timeout_s with an error naming the worker's rank, and the job resumes from
+   the last checkpoint; a worker that is only slow is waited for beyond the timeout;
 4. SIGUSR1 on the trainer checkpoints the steps the workers had sampled ahead (with their versions), and the
    resumed run logs the same metrics as an uninterrupted one;
 5. loss.behaviour=sampler takes mu from the sampler's log-probs (here an external JSONL file).
@@ -102,30 +103,54 @@ def _killed_worker(rank, world_size, overrides_, kill_at_step):
     return _run_and_weights(rank, world_size, overrides_)
 
 
-def _hung_worker(rank, world_size, overrides_, hang_at_step):
-    """The RL loop, except that the rollout worker stops answering (sleeps) when it reaches ``hang_at_step``."""
+def _stopped_worker(rank, world_size, overrides_, stop_at_step):
+    """The RL loop, except that the rollout worker SIGSTOPs itself (heartbeat included) at ``stop_at_step``."""
     from vespo_megatron.rl import workers
 
     original = workers.RolloutWorker._generate
 
     def generate(self, step):
-        if step == hang_at_step:
-            time.sleep(3600)
+        if step == stop_at_step:
+            os.kill(os.getpid(), signal.SIGSTOP)
         return original(self, step)
 
     workers.RolloutWorker._generate = generate
     return _run_and_weights(rank, world_size, overrides_)
 
 
-def test_hung_worker_fails_at_the_timeout_naming_it(tmp_path):
-    extra = ["train.steps=6", "parallel.rollout_ranks=1", "rl.worker_timeout_s=8"]
+def _slow_worker(rank, world_size, overrides_, slow_step, seconds):
+    """The RL loop, except that the rollout worker takes ``seconds`` longer over step ``slow_step``."""
+    from vespo_megatron.rl import workers
+
+    original = workers.RolloutWorker._generate
+
+    def generate(self, step):
+        if step == slow_step:
+            time.sleep(seconds)
+        return original(self, step)
+
+    workers.RolloutWorker._generate = generate
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+def test_silent_worker_fails_within_the_timeout_naming_it_on_every_trainer_rank(tmp_path):
+    """A stopped worker (SIGSTOP: connection open, no heartbeat) is an error naming it on both trainer ranks."""
+    extra = ["train.steps=6", "parallel.rollout_ranks=1", "rl.worker_timeout_s=8", "train.micro_batch_size=2"]
     started = time.monotonic()
     with pytest.raises(WorkerError) as failure:
-        run_local_workers(_hung_worker, 2, overrides(tmp_path, *extra), 2, timeout_s=300)
+        run_local_workers(_stopped_worker, 3, overrides(tmp_path, *extra), 2, timeout_s=300)
     elapsed = time.monotonic() - started
     message = str(failure.value)
-    assert "rollout worker rank 1" in message and "rl.worker_timeout_s=8" in message, message[-2000:]
+    assert "rank 2 has sent no heartbeat" in message and "rl.worker_timeout_s=8" in message, message[-2000:]
     assert elapsed < 8 + 60, elapsed
+
+
+def test_busy_worker_is_waited_for_beyond_the_timeout(tmp_path):
+    """A worker alive but 12 s over one step with rl.worker_timeout_s=4: the run completes, nothing dropped."""
+    extra = ["train.steps=4", "parallel.rollout_ranks=1", "rl.worker_timeout_s=4", "rl.max_staleness=1"]
+    trainer = run_local_workers(_slow_worker, 2, overrides(tmp_path, *extra), 2, 12.0, timeout_s=300)[0]
+    assert trainer["step"] == 4
+    assert _trained_indices(tmp_path / "run") == [0, 1, 2, 3]
 
 
 def test_killed_worker_fails_fast_naming_it_then_resume_continues(tmp_path):

@@ -164,8 +164,9 @@ class RLConfig:
     sync_bucket_mb: float = 64.0
     """Disaggregated mode: weights travel to the workers in flat buckets of about this many MiB."""
     worker_timeout_s: float = 600.0
-    """Disaggregated mode: seconds any message between trainer and workers may take (a rollout, a
-    weight bucket); past it the job fails naming the silent rank instead of hanging."""
+    """Disaggregated mode: seconds a peer across the trainer/worker divide may go without a heartbeat (every
+    rank beats about once a second from a background thread); past it the job fails naming the silent rank
+    instead of hanging. A busy peer (a long rollout, a long training step) is waited for without limit."""
     std_normalize_advantages: bool = True
     """Divide group-centred rewards by the group's std (GRPO); false keeps mean-centring only."""
     filter_uniform_groups: bool = False

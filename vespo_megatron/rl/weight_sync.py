@@ -14,7 +14,8 @@ the part of each received shard that overlaps it. Overlaps are computed on *cano
 
 The plan (which source sends what, in which bucket) is exchanged once; a sync then moves only tensor
 data. Sources are independent (no trainer collective during a sync), so a worker that drains one
-source after the other cannot deadlock them. Every wait has the worker timeout.
+source after the other cannot deadlock them. Every wait lasts while the peer is alive
+(:mod:`vespo_megatron.runtime.liveness`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from vespo_megatron.models.gpt import unwrap
+from vespo_megatron.runtime.liveness import WorkerFailure
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
@@ -114,27 +116,12 @@ def plan_buckets(shards, ctx, bucket_bytes: int) -> list[list[tuple[ShardSpec, t
     return buckets
 
 
-class WorkerFailure(RuntimeError):
-    """A peer across the trainer/worker divide died or stopped answering; the message names its rank."""
-
-
 def post(op, tensor: torch.Tensor, peer: int, group, tag: int, what: str):
     """``dist.isend``/``dist.irecv`` to/from global rank ``peer``; a dead peer becomes a :class:`WorkerFailure`."""
     try:
         return op(tensor, peer, group=group, tag=tag)
     except Exception as exc:
         raise WorkerFailure(f"{what} failed: {exc}") from exc
-
-
-def _wait(work, timeout_s: float, what: str) -> None:
-    from datetime import timedelta
-
-    try:
-        ok = work.wait(timeout=timedelta(seconds=timeout_s))
-    except Exception as exc:
-        raise WorkerFailure(f"{what} failed (dead or hung; rl.worker_timeout_s={timeout_s:g}): {exc}") from exc
-    if ok is False:
-        raise WorkerFailure(f"{what} did not complete within rl.worker_timeout_s={timeout_s:g}s")
 
 
 class TrainerSync:
@@ -145,23 +132,37 @@ class TrainerSync:
         self.buckets = plan_buckets(canonical_shards(chunks, ctx, num_experts, swiglu), ctx,
                                     int(bucket_mb * 2**20))
         self.device = ctx.device
+        self.in_flight: list = []
+        """``(worker rank, work, buffer)`` of the last push, until every worker has taken it."""
 
     def manifest(self) -> list[list[ShardSpec]]:
         return [[spec for spec, _ in bucket] for bucket in self.buckets]
 
     @torch.no_grad()
     def push(self) -> dict[str, float]:
-        """Send every bucket to every worker rank; returns ``sync/seconds`` and ``sync/bytes`` (this rank's)."""
+        """Post every bucket to every worker rank; returns ``sync/seconds`` and ``sync/bytes`` (this rank's).
+
+        The push does not wait for the workers: each bucket is a copy, sent while the trainer goes on, and a
+        worker takes it at the next step boundary it reaches (never inside a generation). Only the previous
+        push must have been taken first (one push in flight: one copy of this rank's source shards).
+        """
         started = time.perf_counter()
+        self.finish()
         sent = 0
         for bucket in self.buckets:
             flat = torch.cat([param.detach().reshape(-1) for _, param in bucket])
-            works = [(dst, post(dist.isend, flat, dst, self.split.weights_group, WEIGHTS_TAG,
-                                f"weight sync to rollout worker rank {dst}")) for dst in self.split.rollout_ranks]
-            for dst, work in works:
-                _wait(work, self.split.timeout_s, f"weight sync to rollout worker rank {dst}")
-            sent += flat.numel() * flat.element_size() * len(works)
+            for dst in self.split.rollout_ranks:
+                work = post(dist.isend, flat, dst, self.split.weights_group, WEIGHTS_TAG,
+                            f"weight sync to rollout worker rank {dst}")
+                self.in_flight.append((dst, work, flat))
+                sent += flat.numel() * flat.element_size()
         return {"sync/seconds": time.perf_counter() - started, "sync/bytes": float(sent)}
+
+    def finish(self) -> None:
+        """Wait until every worker has taken the last push (for as long as the workers are alive)."""
+        for dst, work, _ in self.in_flight:
+            self.split.liveness.wait(work, dst, f"weight sync to rollout worker rank {dst}")
+        self.in_flight = []
 
 
 class WorkerSync:
@@ -188,7 +189,7 @@ class WorkerSync:
                 flat = torch.empty(numel, dtype=dtype, device=next(iter(self.local.values()))[1].device)
                 work = post(dist.irecv, flat, source, self.split.weights_group, WEIGHTS_TAG,
                             f"weight sync from trainer rank {source}")
-                _wait(work, self.split.timeout_s, f"weight sync from trainer rank {source}")
+                self.split.liveness.wait(work, source, f"weight sync from trainer rank {source}")
                 received += flat.numel() * flat.element_size()
                 offset = 0
                 for spec in bucket:

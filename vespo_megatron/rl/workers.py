@@ -13,9 +13,11 @@ One torchrun/SLURM job; the last ``parallel.rollout_ranks`` ranks are rollout wo
 A worker reads headers only when it must: before generating step ``i`` it takes in every header up to
 ``i - 1 - lookahead``. Which weights sample which step is therefore fixed by the headers' order alone,
 not by timing: a run is reproducible, and with ``lookahead = 0`` and a sync after every step the
-worker samples exactly what the colocated loop samples (same weights, same per-step generator seeds,
-one generation call per trainer data-parallel share). Every wait has ``rl.worker_timeout_s``; a dead
-or silent peer becomes an error naming its rank.
+worker samples exactly what the colocated loop samples (same weights, the same per-share uniforms,
+every share of a step in one batched decode). The trainer checks each step's index and the version
+the headers imply before training on it. A push does not wait for the worker: the worker takes it at
+its next step boundary. Waits last as long as the peer is alive (:mod:`vespo_megatron.runtime.liveness`);
+a dead or silent peer becomes an error naming its rank within ``rl.worker_timeout_s``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from vespo_megatron.rl.weight_sync import (
     TrainerSync,
     WorkerFailure,
     WorkerSync,
-    _wait,
     exchange_manifests,
     post,
 )
@@ -135,7 +136,8 @@ class RolloutWorker:
         header = torch.zeros(_HEADER_FIELDS, dtype=torch.int64)
         source = self.split.trainer_ranks[0]
         what = f"rollout worker rank {dist.get_rank()} waiting for trainer rank {source}"
-        _wait(post(dist.irecv, header, source, self.split.control_group, HEADER_TAG, what), self.split.timeout_s, what)
+        self.split.liveness.wait(post(dist.irecv, header, source, self.split.control_group, HEADER_TAG, what),
+                                 source, what)
         index, version, sync, stop = (int(v) for v in header.tolist())
         if sync:
             self.sync.receive()
@@ -180,7 +182,7 @@ class RolloutWorker:
 
     def _finish(self, pending: list) -> None:
         for dst, work, _ in pending:
-            _wait(work, self.split.timeout_s, f"rollout to trainer rank {dst}")
+            self.split.liveness.wait(work, dst, f"rollout to trainer rank {dst}")
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -246,7 +248,8 @@ class RemoteRollouts:
         message = torch.empty(n, 2 * self.width + 5, dtype=torch.float64)
         source = replica_leader(self.split, self.config, index)
         what = f"receiving RL step {index} from rollout worker rank {source}"
-        _wait(post(dist.irecv, message, source, self.split.control_group, ROLLOUT_TAG, what), self.split.timeout_s, what)
+        self.split.liveness.wait(post(dist.irecv, message, source, self.split.control_group, ROLLOUT_TAG, what),
+                                 source, what)
         return self._checked(_unpack(message, self.width), index)
 
     def expected_version(self, index: int) -> int:
@@ -291,8 +294,9 @@ class RemoteRollouts:
         for index in range(self.next_index + len(self.buffer), self.next_index + extra):
             self.buffer.append(self._receive(index))
         for dst, work, _ in self.pending_headers:
-            _wait(work, self.split.timeout_s, f"header to rollout worker rank {dst}")
+            self.split.liveness.wait(work, dst, f"header to rollout worker rank {dst}")
         self.pending_headers = []
+        self.weights.finish()
 
     def state_dict(self) -> dict:
         return {"next_index": self.next_index, "buffer": [dict(f) for f in self.buffer],

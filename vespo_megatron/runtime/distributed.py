@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from vespo_megatron.config import Config, ParallelConfig, validate
 from vespo_megatron.runtime.compat import apply_cpu_compat, cpu_compat_needed
+from vespo_megatron.runtime.liveness import Liveness
 
 
 def device_and_backend() -> tuple[torch.device, str]:
@@ -216,6 +217,8 @@ class JobSplit:
     trainer_group: dist.ProcessGroup
     """The trainer ranks (preemption flag, barriers of the trainer alone)."""
     timeout_s: float
+    liveness: Liveness
+    """This rank's heartbeat and its watch over the peers it waits for."""
 
 
 def rollout_parallel_config(config: Config) -> ParallelConfig:
@@ -269,7 +272,9 @@ def initialize_disaggregated(config: Config, seed: Optional[int] = None) -> tupl
     role = "trainer" if dist.get_rank() < trainers else "rollout"
     if role == "trainer":
         _set_parallel_state_globals(trainer_state)
-    timeout = timedelta(seconds=config.rl.worker_timeout_s)
+    # Waits across the divide are bounded by liveness (runtime/liveness.py), not by the groups' own timeout:
+    # a busy peer may take as long as its work does.
+    timeout = timedelta(days=7)
     everyone = list(range(world_size))
     control = dist.new_group(everyone, timeout=timeout, backend="gloo")
     weights = control if backend == "gloo" else dist.new_group(everyone, timeout=timeout, backend=backend)
@@ -286,7 +291,8 @@ def initialize_disaggregated(config: Config, seed: Optional[int] = None) -> tupl
     par = config.parallel if role == "trainer" else rollout_parallel_config(config)
     ctx = build_context(par, device, trainer_ranks if role == "trainer" else rollout_ranks)
     split = JobSplit(role=role, trainer_ranks=trainer_ranks, rollout_ranks=rollout_ranks, control_group=control,
-                     weights_group=weights, trainer_group=trainer_group, timeout_s=config.rl.worker_timeout_s)
+                     weights_group=weights, trainer_group=trainer_group, timeout_s=config.rl.worker_timeout_s,
+                     liveness=Liveness(dist.get_rank(), config.rl.worker_timeout_s))
     return ctx, split
 
 
