@@ -65,7 +65,8 @@ def _sync(rank, world, overrides):
     assert not engine.train_step(batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank], sft_loss_head).skipped
     sync = TrainerSync(engine.chunks, ctx, split, config.model.num_experts, config.model.swiglu, 0.01)
     exchange_manifests(split, sync, ctx.dp_rank)
-    pushed = sync.push()
+    pushed = sync.push()  # posted, not waited for: the worker takes it when it reaches a step boundary
+    sync.finish()
     per_rank_experts = (config.model.num_experts or 1) // ctx.ep
     shards = {_global_expert_name(name, ctx.ep_rank, per_rank_experts):
               (p.detach().clone(), bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", -1),
