@@ -92,8 +92,12 @@ class Liveness:
                 done.set()
 
         threading.Thread(target=block, name=f"vespo-wait-{peer}", daemon=True).start()
-        self.check(peer, what)
         while not done.wait(self.period_s):
-            self.check(peer, what)
+            try:
+                self.check(peer, what)
+            except WorkerFailure:
+                if done.wait(self.period_s):  # completed as the peer finished and left (the store with it)
+                    break
+                raise
         if failed:
             raise WorkerFailure(f"{what} failed: rank {peer} is gone ({failed[0]})") from failed[0]
