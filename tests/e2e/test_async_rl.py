@@ -422,3 +422,121 @@ def test_worker_decodes_all_trainer_shares_in_one_batch_and_samples_what_colocat
     assert trained(tmp_path / "split" / "run") == trained(tmp_path / "colocated" / "run")
     for name, value in colocated[0]["weights"].items():
         assert torch.equal(split[0]["weights"][name], value), name
+
+
+# -------------------------------------------------------------------------------- partial rollouts
+
+PARTIAL = ["rollout.partial=true", "model.max_seq_length=24", "rollout.max_new_tokens=12"]
+
+
+def _partial_worker_run(rank, world_size, overrides_, decode_step_s):
+    """The RL loop with a rollout worker slowed by ``decode_step_s`` per decode step (so pushes land inside its
+    generations). The worker keeps its weights after every push and each decode's output, then recomputes every
+    sampled token's log-prob under the weights of the version that sampled it."""
+    from vespo_megatron.models.gpt import unwrap
+    from vespo_megatron.rl import step as step_module
+    from vespo_megatron.rl import weight_sync, workers
+
+    weights, decoded = {}, []
+    receive, poll, sample = weight_sync.WorkerSync.receive, workers.RolloutWorker.poll_pushes, step_module.sample_and_score
+
+    def slow_poll(self):
+        time.sleep(decode_step_s)
+        return poll(self)
+
+    def keep_sample(*args, **kwargs):
+        generated, rewards = sample(*args, **kwargs)
+        decoded.append(generated)
+        return generated, rewards
+
+    workers.RolloutWorker.poll_pushes = slow_poll
+    step_module.sample_and_score = keep_sample
+    worker_ref = {}
+    original_init = workers.RolloutWorker.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        worker_ref["worker"] = self
+
+    workers.RolloutWorker.__init__ = init
+
+    def keep_weights(self):
+        out = receive(self)
+        version = int(worker_ref["worker"].last_pushed_version) if "worker" in worker_ref else -1
+        weights[version] = {name: param.detach().clone() for name, (_, param) in self.local.items()}
+        return out
+
+    weight_sync.WorkerSync.receive = keep_weights
+    result = _run_and_weights(rank, world_size, overrides_)
+    if result["role"] != "rollout":
+        return result
+    from tests.hf_fixtures import megatron_logits
+
+    worker = worker_ref["worker"]
+    model = unwrap(worker.engine.chunks[0])
+    worst, mixed = 0.0, 0
+    for generated in decoded:
+        versions = generated.token_versions
+        mixed += int(sum(len(set(row[row >= 0].tolist())) > 1 for row in versions))
+        for version in sorted(set(versions[versions >= 0].tolist())):
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(weights[version][name])
+            logits = megatron_logits(worker.engine, generated.sequences[:, :-1])  # the padded vocabulary, as the sampler
+            logprobs = torch.log_softmax(logits.double(), dim=-1)
+            targets = generated.sequences[:, 1:]
+            recomputed = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            here = versions[:, 1:] == version
+            worst = max(worst, float((recomputed[here] - generated.sampler_logprobs[:, 1:][here].double()).abs().max()))
+    result.update(mixed_sequences=mixed, worst_logprob_error=worst, versions=sorted(weights))
+    return result
+
+
+def test_partial_rollouts_take_pushes_mid_generation_with_exact_per_token_mu(tmp_path):
+    """A worker slowed to ~0.6 s per generation takes the trainer's pushes between decode steps: token versions
+    change inside sequences, every sampled token's mu equals its log-prob under the weights of its own version,
+    and the trainer still trains every step once."""
+    extra = ["train.steps=5", "rl.max_staleness=4", "rl.lookahead=1", "optimizer.lr=1e-2",
+             "optimizer.weight_decay=0.5", *PARTIAL, *SPLIT]
+    trainer, worker = run_local_workers(_partial_worker_run, 2, overrides(tmp_path, *extra), 0.05, timeout_s=600)
+    assert worker["mixed_sequences"] > 0, worker
+    assert worker["worst_logprob_error"] < 1e-5, worker
+    records = deterministic_records(tmp_path / "run")
+    assert _trained_indices(tmp_path / "run") == list(range(5))
+    assert max(r["partial/mixed_sequences_frac"] for r in records) > 0
+    assert max(r["partial/version_span_max"] for r in records) >= 1
+
+
+def test_partial_rollouts_at_staleness_zero_equal_the_colocated_loop(tmp_path):
+    common = ["train.steps=3", "rl.max_staleness=0", "loss.behaviour=sampler", *PARTIAL[1:]]
+    colocated = run_local_workers(_run_and_weights, 1, overrides(tmp_path / "colocated", *common), timeout_s=600)[0]
+    split = run_local_workers(_run_and_weights, 2, overrides(tmp_path / "split", *common, PARTIAL[0], *SPLIT),
+                              timeout_s=600)[0]
+
+    def trained(run_dir):
+        return [{k: v for k, v in r.items() if not k.startswith("partial/")} for r in _records(run_dir)]
+
+    assert trained(tmp_path / "split" / "run") == trained(tmp_path / "colocated" / "run")
+    for name, value in colocated["weights"].items():
+        assert torch.equal(split["weights"][name], value), name
+
+
+def test_partial_rollouts_stop_and_resume_train_every_step_once(tmp_path):
+    """SIGUSR1 while the worker, slowed per decode step, has pushes landing inside its generations: it finishes
+    the sequences in flight (under the newest weights), the checkpoint holds them, and the resumed run trains
+    every step index exactly once."""
+    common = ["train.steps=6", "rl.max_staleness=4", "rl.lookahead=2", "checkpoint.save_every=1",
+              f"checkpoint.dir={tmp_path / 'ckpt'}", *PARTIAL, *SPLIT]
+
+    def slowed(rank, world_size, overrides_, signal_at_step):
+        from vespo_megatron.rl import workers
+
+        poll = workers.RolloutWorker.poll_pushes
+        workers.RolloutWorker.poll_pushes = lambda self: (time.sleep(0.03), poll(self))[1]
+        return _signalled_trainer(rank, world_size, overrides_, signal_at_step)
+
+    stopped = run_local_workers(slowed, 2, overrides(tmp_path, *common), 3, timeout_s=600)[0]
+    assert stopped["step"] == 3
+    resumed = run_local_workers(_run_and_weights, 2, overrides(tmp_path, *common), timeout_s=600)[0]
+    assert resumed["step"] == 6
+    assert _trained_indices(tmp_path / "run") == list(range(6))

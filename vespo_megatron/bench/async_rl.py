@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
+
+import torch
 
 from vespo_megatron.config import load_config
 from vespo_megatron.runtime.local_workers import run_local_workers
@@ -62,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout-ranks", type=int, default=1, help="rollout workers in the disaggregated run")
     parser.add_argument("--split", action="append", default=[],
                         help="an override for the disaggregated run only (repeatable), e.g. parallel.tp=1")
+    parser.add_argument("--partial", action="store_true",
+                        help="also run the disaggregated mode with partial rollouts (rollout.partial=true; needs "
+                             "loss.behaviour=sampler, the disaggregated default) on the same processes")
     parser.add_argument("--steps", type=int, default=8, help="RL steps per run (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -76,21 +82,32 @@ def main(argv: list[str] | None = None) -> int:
                                        f"logging.run_dir={tmp}/disaggregated"],
         }
         procs = {"colocated": args.colocated_procs or args.procs, "disaggregated": args.procs}
-        result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup}
+        if args.partial:
+            runs["partial"] = runs["disaggregated"][:-1] + ["rollout.partial=true", f"logging.run_dir={tmp}/partial"]
+            procs["partial"] = args.procs
+        result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup,
+                        "loadavg_before": list(os.getloadavg()), "torch_threads": torch.get_num_threads()}
         for mode, overrides in runs.items():
             config = load_config(args.config, overrides)
             run_local_workers(_run, procs[mode], args.config, overrides, timeout_s=3600)
             figures = _figures(Path(tmp) / mode, args.warmup, config.rl.num_minibatches)
             figures["overrides"] = overrides[len(common):-1]
             result[mode] = figures
+    result["loadavg_after"] = list(os.getloadavg())
     result["speedup"] = result["colocated"]["seconds_per_update"] / result["disaggregated"]["seconds_per_update"]
+    if args.partial:
+        result["speedup_partial"] = result["colocated"]["seconds_per_update"] / result["partial"]["seconds_per_update"]
     if args.json:
         print(json.dumps(result))
     else:
-        for mode in ("colocated", "disaggregated"):
+        print(f"load average {result['loadavg_before'][0]:.2f} before, {result['loadavg_after'][0]:.2f} after; "
+              f"{result['torch_threads']} torch threads")
+        for mode in runs:
             f = result[mode]
             print(f"{mode:14s} {f['seconds_per_update']:.3f} s/update  {f['tokens_per_s']:.1f} tokens/s  "
                   f"(rollout wait {f['rollout_wait_s']:.3f} s, train {f['train_s']:.3f} s)")
         print(f"speedup {result['speedup']:.2f}x (colocated on {procs['colocated']}, disaggregated on "
               f"{procs['disaggregated']} processes)")
+        if args.partial:
+            print(f"speedup with partial rollouts {result['speedup_partial']:.2f}x")
     return 0

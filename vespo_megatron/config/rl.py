@@ -85,6 +85,12 @@ class RolloutConfig:
     """Nucleus sampling threshold; 1.0 disables it."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 disables it."""
+    partial: bool = False
+    """Disaggregated mode: partial rollouts. A weight push that reaches a rollout worker in the middle of a
+    generation is applied between two decode steps instead of after the batch: unfinished sequences go on under
+    the new weights (their cache is rebuilt under them by one prefill), every token keeps the sampler log-prob and
+    policy version it was drawn with, and rl.max_staleness bounds a sequence's oldest token. Needs
+    loss.behaviour=sampler, rollout.engine=kv and rollout.parallel.tp=1. docs/rl.md."""
     routing_replay: bool = False
     """MoE: record each token's experts in the sampling pass (KV engine; the behaviour log-prob pass with
     the recompute engine) and replay them when computing old log-probs and in training."""

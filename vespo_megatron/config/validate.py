@@ -37,6 +37,8 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
                  f"rl.async_lag={rl.async_lag} trains every rollout {lag} updates late (num_minibatches="
                  f"{rl.num_minibatches}), beyond rl.max_staleness={rl.max_staleness}: every rollout would be "
                  f"dropped; raise max_staleness to >= {lag} or lower async_lag")
+    _require(not config.rollout.partial or par.rollout_ranks > 0,
+             "rollout.partial=true needs rollout workers (parallel.rollout_ranks > 0); set rollout.partial=false")
     if not par.rollout_ranks:
         return
     workers = par.rollout_ranks
@@ -77,6 +79,14 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
              f"rl.async_lag={rl.async_lag} simulates asynchrony in colocated mode; with parallel.rollout_ranks > 0 "
              "use rl.lookahead / rl.max_staleness instead and set async_lag=0")
     loss = config.loss
+    if config.rollout.partial:
+        _require(loss.behaviour == "sampler",
+                 f"rollout.partial=true samples a sequence's tokens with several policy versions, so mu must be the "
+                 f"sampler's per-token log-probs; set loss.behaviour=sampler (not {loss.behaviour})")
+        _require(config.rollout.engine == "kv" and rollout_tp == 1,
+                 f"rollout.partial=true needs rollout.engine=kv and rollout.parallel.tp=1 (a worker replica of one "
+                 f"rank applies a push between two of its own decode steps); got engine={config.rollout.engine}, "
+                 f"tp={rollout_tp}")
     lag = rl.max_admitted_lag
     _require(loss.behaviour != "recompute" or lag == 0 or loss.correction.mode != "none" or loss.allow_uncorrected_lag,
              f"loss.behaviour=recompute with rollouts up to {lag} versions behind the trainer (rl.lookahead="

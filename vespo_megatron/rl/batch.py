@@ -49,6 +49,9 @@ class Rollout:
     """Optimizer updates applied before these sequences were sampled."""
     step_index: int = 0
     """The RL step whose prompts these are (the prompt stream's position and the sampling seed)."""
+    token_versions: Optional[torch.Tensor] = None
+    """Partial rollouts: [n, seq_length + 1] policy version each response token was sampled with (-1
+    elsewhere); ``behaviour_version`` is then the oldest of them."""
     routing_indices: Optional[torch.Tensor] = None
     """[n, moe_layers_local, s_local, topk] experts each of this rank's local tokens visited in the
     behaviour pass (rollout.routing_replay; see vespo_megatron/models/routing.py)."""

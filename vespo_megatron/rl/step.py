@@ -67,11 +67,12 @@ def share_uniforms(cfg, step: int, shares: int, sequences_per_share: int) -> tor
 
 
 def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: Optional[torch.Generator],
-                     uniforms: Optional[torch.Tensor] = None):
+                     uniforms: Optional[torch.Tensor] = None, policy_version=None):
     """``group_size`` responses per prompt with ``engine``'s current weights, and their rewards.
 
     The one call into the sampler for RL steps (colocated ranks and rollout workers alike). ``uniforms``
-    (from :func:`share_uniforms`) replaces ``generator`` when several shares are decoded as one batch.
+    (from :func:`share_uniforms`) replaces ``generator`` when several shares are decoded as one batch;
+    ``policy_version`` (partial rollouts) is polled before every decode step (:func:`~vespo_megatron.rollout.decode.decode`).
     """
     group = cfg.rollout.group_size
     samples = [s for s in prompts for _ in range(group)]
@@ -80,7 +81,7 @@ def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: Opt
     generated = sample(
         engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=tokenizer.stop_ids,
         pad_id=tokenizer.pad_id, generator=generator, uniforms=uniforms, vocab_size=tokenizer.vocab_size,
-        stop_sequences=stop, record_routing=cfg.rollout.routing_replay,
+        stop_sequences=stop, record_routing=cfg.rollout.routing_replay, policy_version=policy_version,
     )
     return generated, score(task, tokenizer, generated, samples)
 
@@ -108,7 +109,7 @@ def read_external_rollout(runner, version: int) -> Rollout:
 
 
 def finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_logprobs, rewards, version,
-                   routing_indices=None, step_index: int = 0):
+                   routing_indices=None, step_index: int = 0, token_versions=None):
     """Advantages and behaviour log-probs of sampled (or received) sequences: a trainable :class:`Rollout`."""
     cfg = runner.config
     group = cfg.rollout.group_size
@@ -122,7 +123,7 @@ def finish_rollout(runner, sequences, prompt_lengths, response_lengths, sampler_
         sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=trained_lengths,
         sampler_logprobs=sampler_logprobs, rewards=rewards, advantages=advantages,
         generated_lengths=response_lengths, behaviour_version=version, routing_indices=routing_indices,
-        step_index=step_index,
+        step_index=step_index, token_versions=token_versions,
     )
     compute_old_logprobs(runner, rollout)
     return rollout
@@ -262,13 +263,26 @@ def mismatch_metrics(rollout: Rollout, ctx) -> dict[str, float]:
     return metrics
 
 
+def partial_metrics(rollout: Rollout, ctx) -> dict[str, float]:
+    """Partial rollouts: how many policy versions the step's sequences span (``partial/*``; collective over DP)."""
+    if rollout.token_versions is None:
+        return {}
+    sampled = rollout.token_versions >= 0
+    newest = torch.where(sampled, rollout.token_versions, -1).amax(dim=1)
+    oldest = torch.where(sampled, rollout.token_versions, torch.iinfo(torch.long).max).amin(dim=1)
+    span = (newest - oldest).clamp(min=0).double()
+    mixed, count = _dp_sum([float((span > 0).sum()), float(span.numel())], ctx)
+    return {"partial/mixed_sequences_frac": mixed / max(count, 1.0),
+            "partial/version_span_max": _dp_max([float(span.max()) if span.numel() else 0.0], ctx)[0]}
+
+
 def rollout_metrics(rollout: Rollout, ctx) -> dict[str, float]:
     generated = (rollout.generated_lengths if rollout.generated_lengths is not None
                  else rollout.response_lengths).float()
     correct = (rollout.rewards >= 1.0).float()
     sums = _dp_sum([rollout.rewards.sum().item(), correct.sum().item(), generated.sum().item(),
                     float(rollout.size)], ctx)
-    metrics = mismatch_metrics(rollout, ctx)
+    metrics = mismatch_metrics(rollout, ctx) | partial_metrics(rollout, ctx)
     if rollout.routing_mismatch_frac is not None:  # already reduced over all ranks
         metrics["rollout/routing_mismatch_frac"] = float(rollout.routing_mismatch_frac)
     if rollout.ref_logprob_sums is not None:

@@ -22,6 +22,7 @@ a dead or silent peer becomes an error naming its rank within ``rl.worker_timeou
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Optional
 
@@ -37,6 +38,8 @@ from vespo_megatron.rl.weight_sync import (
     post,
 )
 
+PARTIAL_POLL_S = 0.02
+"""Partial rollouts: a worker looks for newly sent headers at most this often (between decode steps)."""
 HEADER_TAG = 42
 ROLLOUT_TAG = 43
 _HEADER_FIELDS = 4  # index, version, sync, stop
@@ -51,12 +54,23 @@ def sequences_per_share(config, trainer_dp: int) -> int:
 
 
 def _pack(generated, rewards, version: int, index: int) -> torch.Tensor:
-    """One float64 message: sequences, sampler log-probs, prompt/response lengths, rewards, version, index."""
+    """One float64 message: sequences, sampler log-probs, [per-token versions,] prompt/response lengths, rewards,
+    version, index. With per-token versions (partial rollouts) the version is the share's oldest token's."""
     n = generated.sequences.shape[0]
+    blocks = [generated.sequences.double(), generated.sampler_logprobs.double()]
+    if generated.token_versions is not None:
+        sampled = generated.token_versions[generated.token_versions >= 0]
+        version = int(sampled.min()) if sampled.numel() else version
+        blocks.append(generated.token_versions.double())
     tail = torch.stack([generated.prompt_lengths.double(), generated.response_lengths.double(), rewards.double(),
                         torch.full((n,), float(version), dtype=torch.float64),
                         torch.full((n,), float(index), dtype=torch.float64)], dim=1)
-    return torch.cat([generated.sequences.double(), generated.sampler_logprobs.double(), tail], dim=1)
+    return torch.cat([*blocks, tail], dim=1)
+
+
+def message_columns(width: int, partial: bool) -> int:
+    """Columns of one step's message: sequences, sampler log-probs, per-token versions when partial, 5 scalars."""
+    return (3 if partial else 2) * width + 5
 
 
 def _rows(generated, start: int, count: int):
@@ -67,11 +81,15 @@ def _rows(generated, start: int, count: int):
                    sampler_logprobs=generated.sampler_logprobs[start:start + count])
 
 
-def _unpack(message: torch.Tensor, width: int) -> dict:
-    return {"sequences": message[:, :width].long(), "sampler_logprobs": message[:, width : 2 * width].float(),
-            "prompt_lengths": message[:, 2 * width].long(), "response_lengths": message[:, 2 * width + 1].long(),
-            "rewards": message[:, 2 * width + 2].float(), "version": int(message[0, 2 * width + 3]),
-            "index": int(message[0, 2 * width + 4])}
+def _unpack(message: torch.Tensor, width: int, partial: bool) -> dict:
+    tail = (3 if partial else 2) * width
+    fields = {"sequences": message[:, :width].long(), "sampler_logprobs": message[:, width : 2 * width].float(),
+              "prompt_lengths": message[:, tail].long(), "response_lengths": message[:, tail + 1].long(),
+              "rewards": message[:, tail + 2].float(), "version": int(message[0, tail + 3]),
+              "index": int(message[0, tail + 4])}
+    if partial:
+        fields["token_versions"] = message[:, 2 * width : 3 * width].long()
+    return fields
 
 
 def replicas(config) -> int:
@@ -122,6 +140,8 @@ class RolloutWorker:
         self.lookahead = lookahead(config)
         self.fast_forward(start_step)
         self.version = -1
+        self.stop_seen = False
+        self.last_poll = 0.0
         manifests, self.trainer_shares = exchange_manifests(split, None)
         self.sync = WorkerSync(built.chunks, ctx, split, config.model.num_experts, config.model.swiglu, manifests)
 
@@ -140,6 +160,7 @@ class RolloutWorker:
                                  source, what)
         index, version, sync, stop = (int(v) for v in header.tolist())
         if sync:
+            self.last_pushed_version = version
             self.sync.receive()
             self.version = version
         self.last_header = index
@@ -155,9 +176,22 @@ class RolloutWorker:
         per_share = sequences_per_share(self.config, self.trainer_dp)
         generated, rewards = sample_and_score(
             self.engine, self.config, self.tokenizer, self.task, batch, generator=None,
-            uniforms=share_uniforms(self.config, step, self.trainer_dp, per_share))
+            uniforms=share_uniforms(self.config, step, self.trainer_dp, per_share),
+            policy_version=self.poll_pushes if self.config.rollout.partial else None)
         return [_pack(_rows(generated, share * per_share, per_share), rewards[share * per_share:(share + 1) * per_share],
                       self.version, step) for share in range(self.trainer_dp)]
+
+    def poll_pushes(self) -> int:
+        """Partial rollouts, between two decode steps: take in every header the trainer has already sent (and
+        the weights pushed with them) without waiting for any; returns the version the next tokens use."""
+        now = time.monotonic()
+        if self.stop_seen or now - self.last_poll < PARTIAL_POLL_S:
+            return self.version
+        self.last_poll = now
+        announced = self.split.liveness.progress("header", default=self.last_header)
+        while self.last_header < announced and not self.stop_seen:
+            self.stop_seen = self._next_header()[3]
+        return self.version
 
     def _send(self, messages: list[torch.Tensor]) -> list:
         if self.ctx.tp_rank != 0 or not messages:
@@ -171,11 +205,13 @@ class RolloutWorker:
         pending: list = []
         while True:
             need = max(self.step - 1 - self.lookahead, -1)
-            while self.last_header < need:
-                _, _, _, stop = self._next_header()
-                if stop:
-                    self._finish(pending)
-                    return self.step
+            while self.last_header < need and not self.stop_seen:
+                self.stop_seen = self._next_header()[3]
+            # After the stop header the trainer takes the steps up to its index + lookahead, no more (a
+            # partial rollout may have read it early, while those steps were still to generate).
+            if self.stop_seen and self.step - 1 - self.lookahead >= self.last_header:
+                self._finish(pending)
+                return self.step
             pending = [p for p in pending if not p[1].is_completed()]
             pending += self._send(self._generate(self.step))
             self.step += 1
@@ -221,6 +257,8 @@ class RemoteRollouts:
         for dst in self.split.rollout_ranks:
             self.pending_headers.append((dst, post(dist.isend, header, dst, self.split.control_group, HEADER_TAG,
                                                    f"header to rollout worker rank {dst}"), header))
+        if self.config.rollout.partial:  # workers in mid-generation look here for headers they can take at once
+            self.split.liveness.publish("header", index)
 
     def step_done(self, index: int, stop: bool = False) -> dict[str, float]:
         """Step ``index`` was trained or dropped: tell the workers, and push weights when due."""
@@ -245,12 +283,12 @@ class RemoteRollouts:
     def _receive(self, index: int) -> dict:
         ctx = self.runner.engine.ctx
         n = sequences_per_share(self.config, ctx.dp)
-        message = torch.empty(n, 2 * self.width + 5, dtype=torch.float64)
+        message = torch.empty(n, message_columns(self.width, self.config.rollout.partial), dtype=torch.float64)
         source = replica_leader(self.split, self.config, index)
         what = f"receiving RL step {index} from rollout worker rank {source}"
         self.split.liveness.wait(post(dist.irecv, message, source, self.split.control_group, ROLLOUT_TAG, what),
                                  source, what)
-        return self._checked(_unpack(message, self.width), index)
+        return self._checked(_unpack(message, self.width, self.config.rollout.partial), index)
 
     def expected_version(self, index: int) -> int:
         """The policy version step ``index`` must have been sampled with.
@@ -271,6 +309,8 @@ class RemoteRollouts:
         if fields["index"] != index:
             raise WorkerFailure(f"rollout worker rank {source} sent RL step {fields['index']}, expected {index}")
         expected = fields["version"] if index < self.unverified_before else self.expected_version(index)
+        if self.config.rollout.partial and expected <= fields["version"] <= self.runner.engine.iteration:
+            expected = fields["version"]  # its oldest token: sampled with that push or a later one
         if fields["version"] != expected:
             raise WorkerFailure(f"RL step {index} from rollout worker rank {source} was sampled with policy version "
                                 f"{fields['version']}, expected {expected} (the push at or before header "
@@ -333,4 +373,5 @@ def to_rollout(runner, fields: dict) -> Rollout:
     from vespo_megatron.rl.step import finish_rollout
 
     return finish_rollout(runner, fields["sequences"], fields["prompt_lengths"], fields["response_lengths"],
-                          fields["sampler_logprobs"], fields["rewards"], fields["version"], step_index=fields["index"])
+                          fields["sampler_logprobs"], fields["rewards"], fields["version"], step_index=fields["index"],
+                          token_versions=fields.get("token_versions"))

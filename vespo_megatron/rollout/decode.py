@@ -40,7 +40,7 @@ returned in the layout the trainer replays (:mod:`vespo_megatron.models.routing`
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -226,7 +226,8 @@ def _keep_alive(runner, pad_id: int) -> None:
 class _Rows:
     """The decode state: which sequences are still in the batch (in batch order) and what they hold."""
 
-    def __init__(self, prompts: list[list[int]], prompt_lengths: torch.Tensor, seq_length: int, pad_id: int):
+    def __init__(self, prompts: list[list[int]], prompt_lengths: torch.Tensor, seq_length: int, pad_id: int,
+                 track_versions: bool = False):
         n = len(prompts)
         self.sequences = torch.full((n, seq_length + 1), pad_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -236,6 +237,9 @@ class _Rows:
         self.generated = torch.zeros(n, dtype=torch.long)
         self.live = torch.arange(n)
         """Sequence index of every batch slot."""
+        self.versions = torch.full((n, seq_length + 1), -1, dtype=torch.long) if track_versions else None
+        """Partial rollouts: the policy version each sampled token was drawn with (-1 elsewhere)."""
+        self.version = -1
 
     def fill(self, position: int, tokens: torch.Tensor, logprobs: torch.Tensor, sampling: torch.Tensor,
              done) -> torch.Tensor:
@@ -246,6 +250,8 @@ class _Rows:
         rows = self.live[sampling]
         self.sequences[rows, position] = tokens
         self.sampler_logprobs[rows, position] = logprobs.float()
+        if self.versions is not None:
+            self.versions[rows, position] = self.version
         self.generated[rows] += 1
         keep = torch.ones(len(self.live), dtype=torch.bool)
         keep[sampling[done(rows, tokens)]] = False
@@ -267,11 +273,16 @@ def decode(
     vocab_size: Optional[int] = None,
     stop_sequences: tuple[tuple[int, ...], ...] = (),
     record_routing: bool = False,
+    policy_version: Optional[Callable[[], int]] = None,
 ) -> Generated:
     """Sample one response per prompt with a KV cache; same contract and same samples as ``generate``.
 
     ``record_routing`` (MoE) also returns each token's experts from this pass in
-    ``Generated.routing_indices``. Needs ``parallel.cp == 1`` (see :func:`sample`).
+    ``Generated.routing_indices``. ``policy_version`` (partial rollouts) is called before every forward pass;
+    it may update the weights in place and returns the version that the next tokens are sampled with, recorded
+    per token in ``Generated.token_versions``; when the version changes the live rows' cache is rebuilt under
+    the new weights, so each token's log-prob is exactly its version's. Needs
+    ``parallel.cp == 1`` (see :func:`sample`).
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
@@ -283,7 +294,7 @@ def decode(
     n = len(prompts)
     prompt_lengths = check_prompts(prompts, settings.max_new_tokens, seq_length)
     uniforms = uniforms_table(generator, uniforms, settings.max_new_tokens, n)
-    state = _Rows(prompts, prompt_lengths, seq_length, pad_id)
+    state = _Rows(prompts, prompt_lengths, seq_length, pad_id, track_versions=policy_version is not None)
     recorder = routing_recorder(engine) if record_routing else None
     trace = None
     if recorder is not None and recorder.layers:
@@ -316,7 +327,17 @@ def decode(
                 if recorder is not None:
                     recorder.take_recorded()
                 continue
-            span = start if fed == 0 else 1
+            refill = 0
+            if policy_version is not None:
+                version = policy_version()
+                if fed > 0 and version != state.version:
+                    # New weights mid-generation: rebuild the live rows' cache under them (one prefill), so every
+                    # later token is sampled from exactly this version's distribution.
+                    context = StaticInferenceContext(max_batch_size=len(state.live), max_sequence_length=max(cached, 1))
+                    lean = LeanDecodeStep(engine, context) if lean is not None else None
+                    refill, fed = fed + 1, 0
+                state.version = version
+            span = (refill or start) if fed == 0 else 1
             context.sequence_len_offset = fed
             rows = state.live
             if lean is not None and span == 1:
@@ -347,6 +368,7 @@ def decode(
         sampler_logprobs=state.sampler_logprobs,
         routing_indices=trace.local(ctx) if trace is not None else None,
         kv_cache_bytes=cache_bytes,
+        token_versions=state.versions,
     )
 
 
@@ -380,9 +402,12 @@ def sample(engine, prompts: list[list[int]], settings: RolloutConfig, **kwargs) 
     (the trainer then records the routing of its own behaviour pass).
     """
     record = kwargs.pop("record_routing", False)
+    version = kwargs.pop("policy_version", None)
     with sampler_precision(engine, settings.sampler_dtype):
         if settings.engine == "kv" and engine.ctx.cp == 1:
-            return decode(engine, prompts, settings, record_routing=record, **kwargs)
+            return decode(engine, prompts, settings, record_routing=record, policy_version=version, **kwargs)
+        if version is not None:
+            raise ValueError("rollout.partial=true needs the KV decoder (rollout.engine=kv, parallel.cp=1)")
         return generate(engine, prompts, settings, **kwargs)
 
 

@@ -42,6 +42,8 @@ class Generated:
     never fed the token), in the layout ``Rollout.routing_indices`` replays."""
     kv_cache_bytes: int = 0
     """Bytes of the KV cache the KV-cache decoder allocated on this rank (0 for the recompute decoder)."""
+    token_versions: Optional[torch.Tensor] = None
+    """Partial rollouts: [n, seq_length + 1] policy version each sampled token was drawn with (-1 elsewhere)."""
 
 
 def full_hidden(hidden: torch.Tensor, ctx) -> torch.Tensor:

@@ -59,6 +59,15 @@ class Liveness:
         self._stop.set()
         self._thread.join(timeout=5 * self.period_s + 1)
 
+    def publish(self, name: str, value: int) -> None:
+        """Make a progress counter (e.g. the newest header sent) readable by every rank."""
+        self._watch_store.set(f"vespo/progress/{name}", str(int(value)))
+
+    def progress(self, name: str, default: int) -> int:
+        """The last value :meth:`publish` gave ``name`` on any rank, ``default`` before the first."""
+        key = f"vespo/progress/{name}"
+        return int(self._watch_store.get(key)) if self._watch_store.check([key]) else default
+
     def check(self, peer: int, what: str) -> None:
         """Raise :class:`WorkerFailure` if ``peer``'s heartbeat has not moved for ``timeout_s`` seconds."""
         now = time.monotonic()
