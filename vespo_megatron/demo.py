@@ -32,8 +32,8 @@ DEMO_OVERRIDES = [
     "train.global_batch_size=64",
     "optimizer.lr=3e-4",
     "rl.sft_lr=3e-3",
-    # 150 warm-up steps: the format is learnt and part of the sums (greedy accuracy about 0.3-0.6); 250 steps
-    # landed anywhere in 0.14-0.95 depending on seed and processor, often leaving RL nothing to add
+    # 150 warm-up steps: the format is learnt and part of the sums (greedy accuracy 0.11-0.60 at train.seed
+    # 0-2); 250 steps landed anywhere in 0.14-0.88 depending on seed and processor, often leaving RL nothing
     "rl.sft_warmup_steps=150",
     "rl.eval_prompts=256",
     "checkpoint.dir=null",
