@@ -170,19 +170,24 @@ def test_killed_worker_fails_fast_naming_it_then_resume_continues(tmp_path):
     assert steps == list(range(1, 7))
 
 
-def _signalled_trainer(rank, world_size, overrides_, signal_at_step):
-    """The RL loop, except that the trainer sends itself SIGUSR1 during step ``signal_at_step`` (1-based)."""
+def _trainer_signalling_itself(rank, world_size, overrides_, at_step, signum=signal.SIGUSR1):
+    """The RL loop, except that the trainer sends itself ``signum`` as it starts step ``at_step`` (1-based)."""
     from vespo_megatron.rl import loop
 
     original = loop.run_step
 
     def run_step(runner):
-        if runner.split.role == "trainer" and runner.step + 1 == signal_at_step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+        if runner.split.role == "trainer" and runner.step + 1 == at_step:
+            os.kill(os.getpid(), signum)
         return original(runner)
 
     loop.run_step = run_step
     return _run_and_weights(rank, world_size, overrides_)
+
+
+def _signalled_trainer(rank, world_size, overrides_, signal_at_step):
+    """SIGUSR1 (checkpoint and stop) during step ``signal_at_step``."""
+    return _trainer_signalling_itself(rank, world_size, overrides_, signal_at_step)
 
 
 def test_sigusr1_checkpoints_the_sampled_ahead_steps_and_resume_reproduces(tmp_path):
@@ -227,18 +232,8 @@ def test_sampler_behaviour_takes_mu_from_external_rollouts(tmp_path):
 
 
 def _killed_trainer(rank, world_size, overrides_, kill_at_step):
-    """The RL loop, except that the trainer SIGKILLs itself as it starts step ``kill_at_step`` (1-based)."""
-    from vespo_megatron.rl import loop
-
-    original = loop.run_step
-
-    def run_step(runner):
-        if runner.split.role == "trainer" and runner.step + 1 == kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(runner)
-
-    loop.run_step = run_step
-    return _run_and_weights(rank, world_size, overrides_)
+    """SIGKILL (no checkpoint, no goodbye) as the trainer starts step ``kill_at_step``."""
+    return _trainer_signalling_itself(rank, world_size, overrides_, kill_at_step, signal.SIGKILL)
 
 
 def _trained_indices(run_dir) -> list[int]:
