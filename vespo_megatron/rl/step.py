@@ -211,8 +211,7 @@ def _logprob_sums(runner, micro, chunks) -> torch.Tensor:
     """Per-sequence log-prob sums under ``chunks`` (the trainer's, or the frozen KL reference), on every stage."""
     cfg, engine, ctx = runner.config, runner.engine, runner.engine.ctx
     head = old_logprob_sums_head(ctx, cfg.rollout.temperature, cfg.loss.chunk_size)
-    with torch.no_grad():
-        reports = engine._run_schedule(micro, head, forward_only=True, emit_hidden_states=True, chunks=chunks)
+    reports = engine.forward_only(micro, head, emit_hidden_states=True, chunks=chunks)
     values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu() if reports else torch.zeros(
         sum(b["tokens"].shape[0] for b in micro))
     return _from_last_stage(values, ctx)

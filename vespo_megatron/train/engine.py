@@ -288,12 +288,15 @@ class Engine:
 
         reset_megatron_globals()
 
-    def forward_only(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = True
-                     ) -> list[dict]:
-        """Run the schedule without backward; returns the last stage's per-micro-batch reports."""
+    def forward_only(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = True,
+                     chunks: Optional[list] = None) -> list[dict]:
+        """Run the schedule without backward; returns the last stage's per-micro-batch reports.
+
+        ``chunks`` runs other model chunks of the same layout (the frozen KL reference) instead of the policy's.
+        """
         with torch.no_grad():
             return self._run_schedule(micro_batches, loss_head, forward_only=True,
-                                      emit_hidden_states=emit_hidden_states)
+                                      emit_hidden_states=emit_hidden_states, chunks=chunks)
 
     def reduce_reported(self, reported: list[dict]) -> dict[str, float]:
         """Sum each reported ``[value, count]`` pair over micro-batches and DP x CP ranks; return value / count.
