@@ -27,6 +27,7 @@ def test_bench_async_with_partial_rollouts_json(capsys):
     for mode in ("colocated", "disaggregated", "partial"):
         assert result[mode]["steps_timed"] == 2
         assert result[mode]["seconds_per_update"] > 0 and result[mode]["tokens_per_s"] > 0
+        assert result[mode]["response_length_mean"] > 0
     for key in ("speedup", "speedup_partial"):
         assert math.isfinite(result[key]) and result[key] > 0
     assert len(result["loadavg_before"]) == 3 and result["torch_threads"] >= 1

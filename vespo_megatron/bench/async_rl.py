@@ -48,6 +48,7 @@ def _figures(run_dir: Path, warmup: int, num_minibatches: int) -> dict[str, floa
         "tokens_per_s": sum(r["response/tokens"] for r in timed) / sum(seconds),
         "rollout_wait_s": statistics.mean(r["time/rollout"] for r in timed),
         "train_s": statistics.mean(r["time/train"] + r["time/optimizer"] for r in timed),
+        "response_length_mean": statistics.mean(r["response/length_mean"] for r in timed),
     }
     if "time/sync" in timed[0]:
         figures["sync_s"] = statistics.mean(r["time/sync"] for r in timed)
