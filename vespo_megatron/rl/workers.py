@@ -68,9 +68,14 @@ def _pack(generated, rewards, version: int, index: int) -> torch.Tensor:
     return torch.cat([*blocks, tail], dim=1)
 
 
+def _tail_column(width: int, partial: bool) -> int:
+    """Where a message's 5 scalar columns start: after sequences, sampler log-probs and, when partial, versions."""
+    return (3 if partial else 2) * width
+
+
 def message_columns(width: int, partial: bool) -> int:
-    """Columns of one step's message: sequences, sampler log-probs, per-token versions when partial, 5 scalars."""
-    return (3 if partial else 2) * width + 5
+    """Columns of one step's message."""
+    return _tail_column(width, partial) + 5
 
 
 def _rows(generated, start: int, count: int):
@@ -82,7 +87,7 @@ def _rows(generated, start: int, count: int):
 
 
 def _unpack(message: torch.Tensor, width: int, partial: bool) -> dict:
-    tail = (3 if partial else 2) * width
+    tail = _tail_column(width, partial)
     fields = {"sequences": message[:, :width].long(), "sampler_logprobs": message[:, width : 2 * width].float(),
               "prompt_lengths": message[:, tail].long(), "response_lengths": message[:, tail + 1].long(),
               "rewards": message[:, tail + 2].float(), "version": int(message[0, tail + 3]),
@@ -193,12 +198,23 @@ class RolloutWorker:
             self.stop_seen = self._next_header()[3]
         return self.version
 
-    def _send(self, messages: list[torch.Tensor]) -> list:
+    def _send(self, step: int, messages: list[torch.Tensor]) -> list:
         if self.ctx.tp_rank != 0 or not messages:
             return []
-        return [(dst, post(dist.isend, messages[share], dst, self.split.control_group, ROLLOUT_TAG,
-                           f"rollout to trainer rank {dst}"), messages)
+        return [(step, dst, post(dist.isend, messages[share], dst, self.split.control_group, ROLLOUT_TAG,
+                                 f"rollout to trainer rank {dst}"), messages)
                 for dst, share in zip(self.split.trainer_ranks, self.trainer_shares)]
+
+    def _settle(self, pending: list, through_step: int) -> list:
+        """Wait for (at once: they are done) and drop the sends of steps up to ``through_step``; the rest stay.
+
+        Gloo's send work reports completion only through ``wait()``, so without this every message would be
+        kept for the whole run. The trainer sends header ``j`` only after it has received step ``j``, so
+        every send of a step at or below the last header read has completed.
+        """
+        for _, dst, work, _ in (p for p in pending if p[0] <= through_step):
+            self.split.liveness.wait(work, dst, f"rollout to trainer rank {dst}")
+        return [p for p in pending if p[0] > through_step]
 
     def run(self) -> int:
         """Generate until the trainer says stop; returns the number of steps this worker stepped through."""
@@ -210,15 +226,11 @@ class RolloutWorker:
             # After the stop header the trainer takes the steps up to its index + lookahead, no more (a
             # partial rollout may have read it early, while those steps were still to generate).
             if self.stop_seen and self.step - 1 - self.lookahead >= self.last_header:
-                self._finish(pending)
+                self._settle(pending, self.step)  # every step sent so far
                 return self.step
-            pending = [p for p in pending if not p[1].is_completed()]
-            pending += self._send(self._generate(self.step))
+            pending = self._settle(pending, self.last_header)
+            pending += self._send(self.step, self._generate(self.step))
             self.step += 1
-
-    def _finish(self, pending: list) -> None:
-        for dst, work, _ in pending:
-            self.split.liveness.wait(work, dst, f"rollout to trainer rank {dst}")
 
 
 # ---------------------------------------------------------------------------------------- trainer
