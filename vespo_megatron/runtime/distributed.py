@@ -216,7 +216,6 @@ class JobSplit:
     """All ranks, the device's backend (nccl on GPU, gloo on CPU): weight sync."""
     trainer_group: dist.ProcessGroup
     """The trainer ranks (preemption flag, barriers of the trainer alone)."""
-    timeout_s: float
     liveness: Liveness
     """This rank's heartbeat and its watch over the peers it waits for."""
 
@@ -291,7 +290,7 @@ def initialize_disaggregated(config: Config, seed: Optional[int] = None) -> tupl
     par = config.parallel if role == "trainer" else rollout_parallel_config(config)
     ctx = build_context(par, device, trainer_ranks if role == "trainer" else rollout_ranks)
     split = JobSplit(role=role, trainer_ranks=trainer_ranks, rollout_ranks=rollout_ranks, control_group=control,
-                     weights_group=weights, trainer_group=trainer_group, timeout_s=config.rl.worker_timeout_s,
+                     weights_group=weights, trainer_group=trainer_group,
                      liveness=Liveness(dist.get_rank(), config.rl.worker_timeout_s))
     return ctx, split
 

@@ -42,22 +42,18 @@ class Liveness:
         self._beat_store = _store_client(max(timeout_s, 30.0))
         self._watch_store = _store_client(max(timeout_s, 30.0))
         self._seen: dict[int, tuple[int, float]] = {}
-        self._stop = threading.Event()
         self._beat_store.add(self.KEY.format(rank=rank), 1)
         self._thread = threading.Thread(target=self._beat, name=f"vespo-heartbeat-{rank}", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
         key = self.KEY.format(rank=self.rank)
-        while not self._stop.wait(self.period_s):
+        while True:
+            time.sleep(self.period_s)
             try:
                 self._beat_store.add(key, 1)
             except Exception:  # the store's host is gone: the peers' own watches report that
                 return
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5 * self.period_s + 1)
 
     def publish(self, name: str, value: int) -> None:
         """Make a progress counter (e.g. the newest header sent) readable by every rank."""
