@@ -100,9 +100,10 @@ def _train_worker(rank, world, overrides):
     from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
 
-    runner = run(load_config(None, overrides))
-    return {"logits": megatron_logits(runner.engine, TOKENS), "history": runner.history,
-            "eos": runner.tokenizer.stop_ids, "kind": type(runner.tokenizer).__name__}
+    trainer = run(load_config(None, overrides))
+    context = trainer.context
+    return {"logits": megatron_logits(context.engine, TOKENS), "history": trainer.state.history,
+            "eos": context.tokenizer.stop_ids, "kind": type(context.tokenizer).__name__}
 
 
 def test_train_from_hf_then_export_reloads_in_transformers(tmp_path):
