@@ -27,7 +27,8 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.loss.behaviour is None:  # disaggregated rollouts lag the trainer: the sampler's log-probs are mu
-            self.loss = replace(self.loss, behaviour="sampler" if self.parallel.rollout_ranks else "recompute")
+            external = self.parallel.rollout_ranks or self.rollout.engine == "vllm"
+            self.loss = replace(self.loss, behaviour="sampler" if external else "recompute")
 
     @property
     def seq_length(self) -> int:

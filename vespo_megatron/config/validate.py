@@ -22,13 +22,12 @@ def validate(config: Config, world_size: int) -> None:
     _validate_batch(config, world_size)
     _validate_rl(config, world_size)
     _validate_hf(config)
+    _validate_vllm(config)
 
 
 def _validate_disaggregated(config: Config, world_size: int) -> None:
     """Disaggregated mode: the rank split, the rollout layout and the staleness schedule."""
     import math
-
-    from vespo_megatron.config.rl import worst_staleness
 
     par, rl, rollout_tp = config.parallel, config.rl, config.rollout.parallel.tp
     if config.rl.max_staleness is not None and not par.rollout_ranks:
@@ -70,11 +69,7 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
     _require(not config.rollout.routing_replay,
              "rollout.routing_replay=true is not available with parallel.rollout_ranks > 0 (the workers' experts "
              "are laid out differently); set routing_replay=false")
-    worst = worst_staleness(0, rl.num_minibatches, rl.sync_every)
-    _require(rl.max_staleness is None or worst <= rl.max_staleness,
-             f"rl.sync_every={rl.sync_every} with rl.num_minibatches={rl.num_minibatches} lets rollouts reach "
-             f"staleness {worst} > rl.max_staleness={rl.max_staleness} even without lookahead; lower sync_every "
-             f"or raise max_staleness")
+    _require_sync_within_bound(rl)
     _require(rl.async_lag == 0,
              f"rl.async_lag={rl.async_lag} simulates asynchrony in colocated mode; with parallel.rollout_ranks > 0 "
              "use rl.lookahead / rl.max_staleness instead and set async_lag=0")
@@ -93,6 +88,17 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
              f"{rl.lookahead_steps}, rl.max_staleness={rl.max_staleness}) and loss.correction.mode=none makes log W 0 "
              "whatever the lag; use loss.behaviour=sampler, set loss.correction.mode=tis|mis, or opt in with "
              "loss.allow_uncorrected_lag=true")
+
+
+def _require_sync_within_bound(rl) -> None:
+    """Pushes every rl.sync_every updates must keep even lookahead-0 rollouts within rl.max_staleness."""
+    from vespo_megatron.config.rl import worst_staleness
+
+    worst = worst_staleness(0, rl.num_minibatches, rl.sync_every)
+    _require(rl.max_staleness is None or worst <= rl.max_staleness,
+             f"rl.sync_every={rl.sync_every} with rl.num_minibatches={rl.num_minibatches} lets rollouts reach "
+             f"staleness {worst} > rl.max_staleness={rl.max_staleness} even without lookahead; lower sync_every "
+             f"or raise max_staleness")
 
 
 def _validate_grid(par: ParallelConfig, world_size: int) -> None:
@@ -296,3 +302,45 @@ def _validate_hf(config: Config) -> None:
         "task.chat_template=true needs a Hugging Face tokenizer with a chat template: set model.hf_path (a folder "
         "with tokenizer files) or task.tokenizer (an HF tokenizer folder)",
     )
+
+
+def _validate_vllm(config: Config) -> None:
+    """rollout.engine=vllm: what the servers need, then the engine's install and the given URLs (network)."""
+    if config.rollout.engine != "vllm":
+        return
+    from vespo_megatron.rollout.vllm.environment import check_engine_installed, check_head_size, check_reachable
+
+    rollout, rl, settings, model = config.rollout, config.rl, config.rollout.vllm, config.model
+    _require(bool(model.hf_path),
+             "rollout.engine=vllm needs model.hf_path (the servers load that HF folder, then take the trainer's "
+             "weights); set model.hf_path or use rollout.engine=kv")
+    _require(not config.parallel.rollout_ranks,
+             f"rollout.engine=vllm generates on vLLM servers, not on rollout ranks; set parallel.rollout_ranks=0 "
+             f"(got {config.parallel.rollout_ranks})")
+    _require(rollout.source == "model", "rollout.engine=vllm needs rollout.source=model; set rollout.engine=kv "
+                                        "for external JSONL rollouts")
+    _require(config.loss.behaviour == "sampler",
+             f"rollout.engine=vllm takes mu from the servers' log-probs; set loss.behaviour=sampler (or leave it "
+             f"null), not {config.loss.behaviour}")
+    _require(not rollout.partial, "rollout.partial=true is not available with rollout.engine=vllm (the push waits "
+                                  "for the requests in flight); set rollout.partial=false")
+    _require(not rollout.routing_replay,
+             "rollout.routing_replay=true is not available with rollout.engine=vllm (its servers do not return "
+             "the routed experts); set routing_replay=false")
+    _require(not rollout.stop, f"rollout.stop={rollout.stop!r} is not available with rollout.engine=vllm (the "
+                               "servers run without a tokenizer; stop token ids still end responses); set stop=[]")
+    _require(rollout.sampler_dtype == "fp32",
+             "rollout.sampler_dtype applies to the Megatron decoders; with rollout.engine=vllm set "
+             "rollout.vllm.dtype instead and leave sampler_dtype=fp32")
+    _require(rl.async_lag == 0, f"rl.async_lag={rl.async_lag} simulates asynchrony with the Megatron decoders; with "
+                                "rollout.engine=vllm use rl.max_staleness / rl.lookahead and set async_lag=0")
+    _require_sync_within_bound(rl)
+    needed = config.seq_length + 1
+    _require(settings.max_model_len is None or settings.max_model_len >= needed,
+             f"rollout.vllm.max_model_len={settings.max_model_len} is shorter than train.seq_length + 1 = {needed} "
+             f"(a prompt plus its response); raise it or leave it null")
+    check_head_size(model.kv_channels or model.hidden_size // model.num_attention_heads, settings)
+    if not settings.urls:
+        check_engine_installed(settings)
+    for index, url in enumerate(settings.urls):
+        check_reachable(url, f"rollout.vllm.urls[{index}]")
