@@ -16,3 +16,8 @@ def raises(response_text: str, record: dict) -> float:
 def returns_nan(response_text: str, record: dict) -> float:
     """A reward that divides by zero the floating-point way."""
     return float("nan")
+
+
+def response_length(response_text: str, record: dict) -> float:
+    """A dense reward for untrained models (whose answers are never right): the response's length / 10."""
+    return len(response_text) / 10.0

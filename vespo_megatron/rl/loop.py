@@ -7,7 +7,8 @@ weights (and its old-policy log-probs computed with those same weights), and the
 queue is trained on once the queue holds more than ``rl.async_lag`` of them. With
 ``parallel.rollout_ranks > 0`` (disaggregated) the rollout ranks run a
 :class:`~vespo_megatron.rl.worker.RolloutWorker` and the trainer ranks take their steps from the workers
-through a :class:`~vespo_megatron.rl.remote.RemoteRollouts` link. Either way the
+through a :class:`~vespo_megatron.rl.remote.RemoteRollouts` link. With ``rollout.engine=vllm`` the steps come
+from vLLM servers through a :class:`~vespo_megatron.rl.served.ServedRollouts` link. Either way the
 :class:`~vespo_megatron.rl.staleness.StalenessManager` admits each rollout and counts its staleness.
 The loop state (:class:`~vespo_megatron.rl.state.LoopState`), the steps the workers sampled ahead and the
 step are checkpointed, so a resumed run continues exactly.
@@ -27,6 +28,7 @@ from vespo_megatron.metrics import MetricsLogger, ProgressBar
 from vespo_megatron.rl.context import RLContext
 from vespo_megatron.rl.evaluation import evaluate
 from vespo_megatron.rl.remote import RemoteRollouts
+from vespo_megatron.rl.served import ServedRollouts
 from vespo_megatron.rl.staleness import StalenessManager
 from vespo_megatron.rl.state import LoopState
 from vespo_megatron.rl.step import run_step
@@ -48,6 +50,8 @@ class TrainerRun:
     link: Optional[RemoteRollouts] = None
     """Disaggregated mode only: the steps sampled by the rollout workers come in, headers and weights go out."""
     split: Optional[JobSplit] = None
+    served: Optional[ServedRollouts] = None
+    """rollout.engine=vllm only: the vLLM servers, the steps issued to them and the version they hold."""
     eval_before: Optional[float] = None
     eval_after: Optional[float] = None
     role = "trainer"
@@ -84,7 +88,8 @@ def build_trainer(config: Config, hf_weights: bool = True, ctx: Optional[Paralle
                       external=external)
     # disaggregated: exchanges the weight-sync plan with the workers
     link = RemoteRollouts(config, engine, split) if split is not None else None
-    return TrainerRun(context=context, state=state, link=link, split=split)
+    served = ServedRollouts.open(context) if config.rollout.engine == "vllm" else None
+    return TrainerRun(context=context, state=state, link=link, split=split, served=served)
 
 
 def build_run(config: Config, hf_weights: bool = True) -> Union[TrainerRun, WorkerRun]:
@@ -105,6 +110,9 @@ def checkpoint_state(run: TrainerRun) -> dict:
     state = run.state.state_dict()
     if run.link is not None:
         state["remote"] = run.link.state_dict()
+    if run.served is not None:
+        run.served.drain()  # the steps in flight go into the checkpoint
+        state["served"] = run.served.state_dict()
     return state
 
 
@@ -112,6 +120,8 @@ def load_checkpoint_state(run: TrainerRun, state: dict) -> None:
     run.state.load_state_dict(state)
     if run.link is not None and "remote" in state:
         run.link.load_state_dict(state["remote"])
+    if run.served is not None and "served" in state:
+        run.served.load_state_dict(state["served"])
 
 
 def _announce_start(split: JobSplit, step: int) -> int:
@@ -167,9 +177,13 @@ def run(config: Config) -> Union[TrainerRun, WorkerRun]:
         _announce_start(built.split, link.next_index + len(link.buffer))
         link.start()
         stop_requested = lambda: preemption.should_stop(built.split.trainer_group)  # noqa: E731
+    served = built.served
     try:
+        if served is not None:
+            served.push()  # the servers start from model.hf_path: give them the weights the run starts with
+            served.issue(state, steps_done=state.step)
         while state.step < config.train.steps:
-            metrics = run_step(context, state, link, stop_requested)
+            metrics = run_step(context, state, link, stop_requested, served=served)
             state.step += 1
             if metrics is not None:
                 state.history.append(metrics["reward/mean"])
@@ -195,4 +209,6 @@ def run(config: Config) -> Union[TrainerRun, WorkerRun]:
     finally:
         progress.close()
         logger.close()
+        if served is not None:
+            served.close()
     return built

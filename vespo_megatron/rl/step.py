@@ -1,7 +1,8 @@
 """One RL step, as a straight line: rollout -> rewards -> advantages -> old log-probs -> N updates -> metrics.
 
 :func:`run_step` takes the step's rollout (sampled here when colocated, received from the workers when
-disaggregated, or read from a JSONL file), makes it trainable (:mod:`vespo_megatron.rl.behaviour`: group
+disaggregated, taken from the vLLM servers with ``rollout.engine=vllm``, or read from a JSONL file), makes it
+trainable (:mod:`vespo_megatron.rl.behaviour`: group
 advantages and the behaviour log-probs mu of the weights that sampled it), then :func:`train_on_rollout`
 splits it into ``rl.num_minibatches`` mini-batches of whole groups (contiguous; ``rl.shuffle_groups``
 permutes the groups first) and applies one optimizer update per mini-batch: the first sees ``log W = 0``
@@ -24,6 +25,7 @@ from vespo_megatron.rl.context import RLContext
 from vespo_megatron.rl.heads import token_loss_head, vespo_head
 from vespo_megatron.rl.remote import RemoteRollouts, to_rollout
 from vespo_megatron.rl.sampling import rollout_generator, sample_and_score
+from vespo_megatron.rl.served import ServedRollouts, served_to_rows
 from vespo_megatron.rl.state import LoopState
 from vespo_megatron.rl.step_metrics import phi_metrics, rollout_metrics
 from vespo_megatron.runtime.collectives import (
@@ -84,6 +86,19 @@ def admitted_remote_rollout(context: RLContext, state: LoopState, link: RemoteRo
         link.step_done(link.next_index - 1)
 
 
+def admitted_served_rollout(context: RLContext, state: LoopState, served: ServedRollouts) -> tuple[Rollout, float]:
+    """rollout.engine=vllm: the next served step the staleness bound admits (each rank its data-parallel rows),
+    and the seconds spent waiting for it."""
+    ctx, waited = context.parallel, 0.0
+    while True:
+        started = time.perf_counter()
+        fields = served.take(state)
+        waited += time.perf_counter() - started
+        # every rank decides alike: the version and size come from rank 0's broadcast
+        if state.staleness.admit(fields["version"], context.engine.iteration, fields["sequences"].shape[0]):
+            return to_rollout(context.config, context.engine, served_to_rows(fields, ctx.dp, ctx.dp_rank)), waited
+
+
 # ------------------------------------------------------------------------------------- the updates
 
 
@@ -122,16 +137,23 @@ def train_on_rollout(config: Config, engine: Engine, rollout: Rollout, step: int
 
 
 def run_step(context: RLContext, state: LoopState, link: Optional[RemoteRollouts] = None,
-             stop_requested: Optional[Callable[[], bool]] = None) -> Optional[dict]:
+             stop_requested: Optional[Callable[[], bool]] = None,
+             served: Optional[ServedRollouts] = None) -> Optional[dict]:
     """RL step ``state.step``; returns its metrics (None while the colocated async queue is still filling).
 
     Disaggregated (``link`` given), the step ends by telling the workers it is done (with a weight push when
     due); ``state.stopping`` is set when it is the last one (``train.steps`` reached or ``stop_requested()``).
+    With ``served`` (rollout.engine=vllm) the step's responses come from the vLLM servers; after the updates
+    the weights are pushed when ``rl.sync_every`` updates have passed, and the next steps are issued.
     """
     config, engine, ctx = context.config, context.engine, context.parallel
     started = time.perf_counter()
     if link is not None:
         rollout, waited = admitted_remote_rollout(context, state, link)
+        metrics = rollout_metrics(rollout, ctx)
+        metrics["time/rollout"] = waited
+    elif served is not None:
+        rollout, waited = admitted_served_rollout(context, state, served)
         metrics = rollout_metrics(rollout, ctx)
         metrics["time/rollout"] = waited
     else:
@@ -164,6 +186,13 @@ def run_step(context: RLContext, state: LoopState, link: Optional[RemoteRollouts
         sync = link.step_done(link.next_index - 1, stop=state.stopping)
         metrics["time/sync"] = sync["sync/seconds"]
         metrics["sync/bytes"] = sync["sync/bytes"]
+        finished = time.perf_counter()
+    if served is not None:
+        if served.push_due():
+            push = served.push()
+            metrics["time/sync"] = push.seconds
+            metrics.update(push.metrics())
+        served.issue(state, steps_done=state.step + 1)  # the next steps go out while the metrics are reduced
         finished = time.perf_counter()
     metrics["time/step"] = finished - started
     metrics["throughput/tokens_per_s"] = metrics["response/tokens"] / max(finished - started, 1e-9)
