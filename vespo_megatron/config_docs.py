@@ -70,6 +70,10 @@ def render_reference(source: str | None = None) -> str:
         lines += [f"### `{section}`", "", summary, "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, annotation, default, doc in _fields(cls):
             lines.append(f"| `{section}.{name}` | `{_cell(annotation)}` | `{_cell(default)}` | {_cell(doc)} |")
+            nested = classes.get(annotation)  # a sub-section declared in config/ (e.g. rollout.vllm): its keys too
+            for sub, sub_annotation, sub_default, sub_doc in _fields(nested) if nested is not None else []:
+                lines.append(f"| `{section}.{name}.{sub}` | `{_cell(sub_annotation)}` | `{_cell(sub_default)}` | "
+                             f"{_cell(sub_doc)} |")
         lines.append("")
     return "\n".join(lines)
 

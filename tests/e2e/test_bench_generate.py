@@ -35,3 +35,22 @@ def test_bench_generate_json(capsys):
 def test_bench_generate_rejects_lengths_not_above_the_prompt():
     with pytest.raises(SystemExit):
         cli_main(["bench", "generate", "--lengths", "8", "--prompt-length", "8"])
+
+
+def test_bench_generate_engine_rows(capsys):
+    """``--engines megatron,hf``: one row per engine; each engine's own log-probs of its greedy tokens equal the
+    trainer's forward on them, and the transformers copy decodes the same tokens."""
+    code = cli_main(["bench", "generate", str(CONFIG), "--lengths", "24", "--batch", "3", "--prompt-length", "8",
+                     "--threads", "1", "--engines", "megatron,hf", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert [(r["engine"], r["length"], r["batch"]) for r in rows] == [("megatron", 24, 3), ("hf", 24, 3)]
+    for r in rows:
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert r["max_logprob_diff_vs_trainer"] < 1e-5, r
+        assert r["same_tokens_as_megatron"] == 1.0
+
+
+def test_bench_generate_rejects_unknown_engines():
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "generate", "--engines", "megatron,sglang"])

@@ -15,6 +15,15 @@ stop token is disabled so every sequence runs to the end), greedily, three ways:
   otherwise null). ``hf_max_logit_diff`` (prompt logits of the two models) and ``hf_same_tokens``
   (greedy continuations equal) show the copy is faithful.
 
+With ``--engines megatron,vllm,hf`` the same prompts and lengths give one row per engine instead,
+``{"engine", "length", "batch", "tokens_per_s", "max_logprob_diff_vs_trainer", ...}``: ``megatron`` is the KV
+decoder above, ``hf`` the transformers copy, ``vllm`` a local vLLM server (``rollout.vllm`` settings; needs
+``model.hf_path`` and the engine of ``bash launch/setup_env.sh vllm``) that first receives the trainer's weights
+through the same push as ``rollout.engine=vllm``. ``max_logprob_diff_vs_trainer`` is the largest gap between an
+engine's own per-token log-probs of its greedy tokens and the trainer's forward on those tokens;
+``same_tokens_as_megatron`` the share of greedy tokens equal to the KV decoder's. The vLLM server's start-up
+and the push are timed apart (``startup_seconds``, ``push_seconds``), not in ``tokens_per_s``.
+
 Figures per length: tokens per second (new tokens of all sequences / wall seconds) and per CPU second of
 the worker process (``time.process_time``: on a shared machine far less disturbed by other load than wall
 time), the KV-cache bytes the decoder allocated (``2 x layers x batch x cached positions x kv_heads x head_dim x bytes``, with
@@ -25,6 +34,7 @@ right after the KV decode (model, cache and activations; the later passes are no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -103,8 +113,6 @@ def hf_llama_copy(engine, config):
 
 
 def _measure(rank, world, config_path, overrides, length, batch, prompt_length, recompute_steps, with_hf):
-    import dataclasses
-
     from vespo_megatron.config import load_config
     from vespo_megatron.rollout.decode import decode
     from vespo_megatron.rollout.generate import generate
@@ -163,6 +171,128 @@ def _prompt_logits(engine, ids):
         return last_token_logits(hidden, engine)
 
 
+def trainer_token_logprobs(engine, sequences: torch.Tensor) -> torch.Tensor:
+    """The trainer's log-prob of each of ``sequences[:, 1:]`` given the tokens before it (one rank), ``[b, s-1]``."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from vespo_megatron.models.gpt import unwrap
+    from vespo_megatron.rollout.decode import PipelineRunner, inference_mode
+
+    ids = sequences.to(engine.ctx.device)
+    with inference_mode(engine), torch.no_grad():
+        context = StaticInferenceContext(ids.shape[0], ids.shape[1])
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+        hidden = PipelineRunner(engine).forward(ids, positions, context)  # [s, b, h]
+        logits = hidden.float() @ unwrap(engine.chunks[-1]).output_weight().float().t()
+    logprobs = torch.log_softmax(logits.transpose(0, 1).double(), dim=-1)[:, :-1]
+    return logprobs.gather(-1, ids[:, 1:, None])[..., 0].cpu()
+
+
+def _engine_row(name: str, length: int, batch: int, prompt_length: int, tokens: int, timer: "_Timer",
+                cpu_timed: bool) -> dict:
+    return {"engine": name, "length": length, "batch": batch, "prompt_length": prompt_length,
+            "new_tokens": length - prompt_length, "tokens_per_s": tokens / timer.wall,
+            "tokens_per_cpu_s": tokens / timer.cpu if cpu_timed else None, "seconds": timer.wall}
+
+
+def _logprob_gap(engine, sequences: torch.Tensor, own: torch.Tensor, prompt_length: int) -> float:
+    """Largest |an engine's log-prob - the trainer's| over the response tokens of ``sequences``."""
+    trainer = trainer_token_logprobs(engine, sequences)[:, prompt_length - 1:]
+    return float((trainer - own.double()).abs().max())
+
+
+def _vllm_rows(engine, config, prompts, length, batch, prompt_length, megatron_tokens) -> dict:
+    """One local vLLM server with the trainer's weights: greedy rate and log-prob gap (start-up timed apart)."""
+    from vespo_megatron.config import ConfigError
+    from vespo_megatron.rollout.vllm.client import SamplingSettings, VllmClient
+    from vespo_megatron.rollout.vllm.environment import check_engine_installed, check_head_size
+    from vespo_megatron.rollout.vllm.servers import start_local_servers
+    from vespo_megatron.rollout.vllm.sync import push_weights
+
+    settings = dataclasses.replace(config.rollout.vllm, servers=1)
+    if not config.model.hf_path:
+        raise ConfigError("bench generate --engines ...vllm needs model.hf_path=DIR (the folder the server loads)")
+    check_engine_installed(settings)
+    check_head_size(config.model.kv_channels or config.model.hidden_size // config.model.num_attention_heads,
+                    settings)
+    new_tokens = length - prompt_length
+    with _Timer() as startup:
+        servers = start_local_servers(settings, config.model.hf_path, length, config.logging.run_dir)
+    try:
+        client = VllmClient(servers.urls, timeout_s=settings.request_timeout_s)
+        push = push_weights(engine, config.model.hf_path, settings.sync_dir, settings.sync_bucket_mb, client)
+        greedy = SamplingSettings(max_tokens=new_tokens, temperature=0.0)
+        client.complete_all(prompts[:1], dataclasses.replace(greedy, max_tokens=2), [0])  # warm-up
+        with _Timer() as timer:
+            done = client.complete_all(prompts, greedy, list(range(len(prompts))))
+    finally:
+        servers.stop()
+    row = _engine_row("vllm", length, batch, prompt_length, sum(len(c.tokens) for c in done), timer, cpu_timed=False)
+    sequences = torch.tensor([p + c.tokens for p, c in zip(prompts, done)])
+    own = torch.tensor([c.logprobs for c in done])
+    row.update(max_logprob_diff_vs_trainer=_logprob_gap(engine, sequences, own, prompt_length),
+               same_tokens_as_megatron=float((sequences[:, prompt_length:] == megatron_tokens).float().mean()),
+               startup_seconds=startup.wall, push_seconds=push.seconds, push_bytes=push.bytes)
+    return row
+
+
+def _measure_engines(rank, world, config_path, overrides, length, batch, prompt_length, engines):
+    """One row per engine in ``engines`` for context length ``length`` (one fresh worker process)."""
+    from vespo_megatron.config import load_config
+    from vespo_megatron.rollout.decode import decode
+    from vespo_megatron.runtime.distributed import initialize
+    from vespo_megatron.tokenizer import load_tokenizer
+    from vespo_megatron.train.engine import build_engine
+
+    config = load_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
+    vocab = config.model.vocab_size or load_tokenizer(config.task.tokenizer).vocab_size
+    engine = build_engine(config, initialize(config), vocab_size=vocab)
+    new_tokens = length - prompt_length
+    prompts = torch.randint(3, vocab, (batch, prompt_length), generator=torch.Generator().manual_seed(0)).tolist()
+    settings = dataclasses.replace(config.rollout, max_new_tokens=new_tokens, temperature=1.0)
+    with _Timer() as timer:  # greedy over the whole (padded) vocabulary, as the trainer's softmax and generate
+        kv = decode(engine, prompts, settings, generator=torch.Generator().manual_seed(1), seq_length=length,
+                    eos_id=-1, pad_id=0, greedy=True, vocab_size=None)
+    megatron_tokens = kv.sequences[:, prompt_length:length]
+    rows = []
+    if "megatron" in engines:
+        row = _engine_row("megatron", length, batch, prompt_length, batch * new_tokens, timer, cpu_timed=True)
+        own = kv.sampler_logprobs[:, prompt_length:length]
+        row.update(max_logprob_diff_vs_trainer=_logprob_gap(engine, kv.sequences[:, :length], own, prompt_length),
+                   same_tokens_as_megatron=1.0, kv_cache_bytes=kv.kv_cache_bytes)
+        rows.append(row)
+    if "hf" in engines:
+        hf = hf_llama_copy(engine, config)
+        if hf is None:
+            rows.append({"engine": "hf", "length": length, "batch": batch, "tokens_per_s": None,
+                         "max_logprob_diff_vs_trainer": None, "note": "no transformers copy of this model"})
+        else:
+            ids = torch.tensor(prompts)
+            with torch.no_grad(), _Timer() as timer:
+                out = hf.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0,
+                                         output_scores=True, return_dict_in_generate=True)
+            tokens = out.sequences[:, prompt_length:]
+            scores = torch.stack(out.scores, dim=1).double()  # the copy holds Megatron's padded vocabulary
+            own = torch.log_softmax(scores, -1).gather(-1, tokens[..., None])[..., 0]
+            row = _engine_row("hf", length, batch, prompt_length, batch * new_tokens, timer, cpu_timed=True)
+            row.update(max_logprob_diff_vs_trainer=_logprob_gap(engine, out.sequences, own, prompt_length),
+                       same_tokens_as_megatron=float((tokens == megatron_tokens).float().mean()))
+            rows.append(row)
+    if "vllm" in engines:
+        rows.append(_vllm_rows(engine, config, prompts, length, batch, prompt_length, megatron_tokens))
+    return rows
+
+
+def format_engine_row(r: dict) -> str:
+    """One ``--engines`` row as a line of text."""
+    if r.get("tokens_per_s") is None:
+        return f"{r['engine']:<9} L={r['length']:<6} B={r['batch']:<4} {r.get('note', 'not measured')}"
+    gap = r["max_logprob_diff_vs_trainer"]
+    return (f"{r['engine']:<9} L={r['length']:<6} B={r['batch']:<4} {r['tokens_per_s']:10.1f} tok/s  "
+            f"max |logprob - trainer| {gap:.1e}  same tokens as megatron {r['same_tokens_as_megatron']:.3f}")
+
+
 def format_row(r: dict) -> str:
     def rate(value):
         return "      null" if value is None else f"{value:10.1f}"
@@ -191,7 +321,13 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the worker")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a length's worker is killed")
     parser.add_argument("--json", action="store_true", help='print one JSON object {"results": [...]}')
+    parser.add_argument("--engines", type=lambda t: [x for x in t.split(",") if x], default=None,
+                        help="comma-separated engines among megatron,vllm,hf: one row per engine and length instead "
+                             "(vllm needs model.hf_path and the engine of `bash launch/setup_env.sh vllm`)")
     args = parser.parse_intermixed_args(argv)
+    unknown = sorted(set(args.engines or []) - {"megatron", "vllm", "hf"})
+    if unknown or args.engines == []:
+        parser.error(f"--engines {unknown or '(empty)'}: choose among megatron, vllm, hf")
     if args.batch < 1 or args.recompute_steps < 0 or args.prompt_length < 1:
         parser.error("--batch and --prompt-length must be >= 1, --recompute-steps >= 0")
     short = [length for length in args.lengths if length <= args.prompt_length]
@@ -207,6 +343,15 @@ def main(argv=None) -> int:
 
     rows = []
     for length in args.lengths:
+        if args.engines:
+            found = run_local_workers(_measure_engines, 1, args.config, args.overrides, length, args.batch,
+                                      args.prompt_length, args.engines, timeout_s=args.timeout,
+                                      threads_per_worker=args.threads)[0]
+            rows.extend(found)
+            if not args.json:
+                for row in found:
+                    print(format_engine_row(row), flush=True)
+            continue
         row = run_local_workers(_measure, 1, args.config, args.overrides, length, args.batch, args.prompt_length,
                                 args.recompute_steps, not args.no_hf, timeout_s=args.timeout,
                                 threads_per_worker=args.threads)[0]
