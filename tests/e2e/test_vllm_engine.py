@@ -106,7 +106,8 @@ def _tp2_push_worker(rank, world, overrides):
             noise = torch.randn(param.shape, generator=torch.Generator().manual_seed(index))
             param.add_(0.2 * noise)
     report = served.push()
-    prompts = [[2, 7, 19, 30], [2, 44, 8], [2, 90, 91, 92, 93, 5]]
+    # even prompt lengths: prompt + 10 tokens is what the TP2 trainer's forward splits over its ranks (SP)
+    prompts = [[2, 7, 19, 30], [2, 44], [2, 80, 81, 82, 83, 5]]  # ids below the vocabulary of 92
     out = {"bytes": report.bytes, "tokens": None}
     if served.client is not None:
         done = served.client.complete_all(prompts, SamplingSettings(max_tokens=10, temperature=0.0), [0, 1, 2])

@@ -98,6 +98,7 @@ class ServedRollouts:
 
     @property
     def config(self) -> Config:
+        """The run's config."""
         return self.context.config
 
     # -------------------------------------------------------------------------------- issuing steps
@@ -190,6 +191,7 @@ class ServedRollouts:
                 "ready": [self.ready[index] for index in sorted(self.ready)]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; rank 0 checks that every issued-but-untrained step came back."""
         self.next_issue = int(state["next_issue"])
         self.next_take = int(state["next_take"])
         self.pushed_version = state["pushed_version"]

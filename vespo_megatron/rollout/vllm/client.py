@@ -95,6 +95,7 @@ class VllmClient:
 
     @property
     def alive(self) -> list[str]:
+        """The servers not marked failed, in their given order."""
         with self._lock:
             return [url for url in self.urls if url not in self.failed]
 

@@ -84,6 +84,7 @@ class LocalServers:
 
     @property
     def urls(self) -> list[str]:
+        """``http://127.0.0.1:PORT`` of every started server, in start order."""
         return [server.url for server in self.servers]
 
     @classmethod
