@@ -58,7 +58,18 @@ class TrainConfig:
     global_batch_size: int = 8
     """Sequences per optimizer update, over all data-parallel ranks."""
     micro_batch_size: int = 2
-    """Sequences per forward/backward on one rank."""
+    """Sequences per forward/backward on one rank (supervised steps; RL passes when
+    max_tokens_per_microbatch is null)."""
+    max_tokens_per_microbatch: Optional[int] = None
+    """Token budget of one RL micro-batch on one rank (update, old, reference and mismatch log-prob passes):
+    whole sequences are binned by length (prompt + response - 1 input positions each) so that each
+    micro-batch holds at most this many, every data-parallel rank running the same number of micro-batches
+    (docs/parallelism.md, "Token-budget micro-batches"). A sequence longer than the budget is an error. null:
+    micro_batch_size sequences per micro-batch, each padded to seq_length."""
+    pack_sequences: bool = False
+    """Concatenate the sequences of a token-budget micro-batch into one row without padding (THD, attention
+    restricted to each sequence, RoPE positions restarting per sequence); false pads each micro-batch to its
+    longest sequence. Needs max_tokens_per_microbatch; not with parallel.cp > 1."""
     seq_length: Optional[int] = None
     """Padded sequence length of a training batch; None means model.max_seq_length."""
     seed: int = 1234
@@ -68,6 +79,11 @@ class TrainConfig:
         _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
         _require(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
         _require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be >= 1")
+        budget = self.max_tokens_per_microbatch
+        _require(budget is None or budget >= 1,
+                 f"train.max_tokens_per_microbatch={budget} must be >= 1 (or null for micro_batch_size sequences)")
+        _require(not self.pack_sequences or budget is not None,
+                 "train.pack_sequences=true needs train.max_tokens_per_microbatch (the token budget of a packed row)")
 
 
 @dataclass(kw_only=True)

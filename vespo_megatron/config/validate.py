@@ -244,6 +244,10 @@ def _validate_rl(config: Config, world_size: int) -> None:
         "every data-parallel rank samples its own share of prompts",
     )
     sequences = rollout.prompts_per_step * rollout.group_size // dp
+    if config.train.max_tokens_per_microbatch is not None:
+        _validate_token_budget(config, sequences)
+        _validate_rl_losses(config)
+        return
     per_update = rl.num_minibatches * micro
     _require(
         sequences % per_update == 0,
@@ -258,6 +262,11 @@ def _validate_rl(config: Config, world_size: int) -> None:
             f"the interleaved schedule needs micro-batches per RL update ({micro_per_update}) to be a multiple of "
             f"parallel.pp={config.parallel.pp}",
         )
+    _validate_rl_losses(config)
+
+
+def _validate_rl_losses(config: Config) -> None:
+    rollout, rl = config.rollout, config.rl
     _require(
         not (config.loss.name == "gspo" and config.parallel.cp > 1),
         "loss.name=gspo needs each sequence's mean log-ratio on one rank; it does not support parallel.cp > 1 "
@@ -281,6 +290,40 @@ def _validate_rl(config: Config, world_size: int) -> None:
     _require(
         not rollout.routing_replay or config.model.is_moe,
         "rollout.routing_replay=true needs an MoE model (model.num_experts is null)",
+    )
+
+
+def _validate_token_budget(config: Config, sequences: int) -> None:
+    """RL micro-batches by token budget (train.max_tokens_per_microbatch), optionally packed."""
+    train, par, rl = config.train, config.parallel, config.rl
+    _require(
+        sequences % rl.num_minibatches == 0,
+        f"each data-parallel rank holds rollout.prompts_per_step*group_size/dp = {sequences} sequences per step, "
+        f"not divisible by rl.num_minibatches={rl.num_minibatches}; change prompts_per_step, group_size or "
+        "num_minibatches",
+    )
+    per_update = sequences // rl.num_minibatches
+    _require(
+        not par.vpp or per_update % par.pp == 0,
+        f"the interleaved schedule needs a multiple of parallel.pp={par.pp} micro-batches per RL update; with "
+        f"train.max_tokens_per_microbatch the {per_update} sequences per update and data-parallel rank must be a "
+        f"multiple of it to fill them; change prompts_per_step, group_size or num_minibatches",
+    )
+    _require(
+        not (train.pack_sequences and par.cp > 1),
+        f"train.pack_sequences=true does not support parallel.cp={par.cp} yet (packed rows are not split into "
+        "per-sequence 2*cp chunks); set pack_sequences=false (token-budget rows padded per micro-batch work with CP)",
+    )
+    _require(
+        not config.rollout.routing_replay,
+        "rollout.routing_replay=true records experts per padded row of train.micro_batch_size sequences; set "
+        "train.max_tokens_per_microbatch=null or routing_replay=false",
+    )
+    _require(
+        not (par.pp > 1 and config.model.is_moe and config.model.moe_token_dispatcher == "allgather"),
+        "train.max_tokens_per_microbatch with parallel.pp > 1 sends micro-batches of varying shape "
+        "(variable_seq_lengths), which Megatron's allgather token dispatcher refuses; set "
+        "model.moe_token_dispatcher=alltoall",
     )
 
 

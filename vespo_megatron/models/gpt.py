@@ -91,6 +91,10 @@ def transformer_config(config: Config, vocab_size: int):
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_comm=_batch_p2p_comm(config),
+        # Token-budget micro-batches differ in shape: pipeline stages exchange each activation's shape first.
+        variable_seq_lengths=config.train.max_tokens_per_microbatch is not None and par.pp > 1,
+        # Megatron's default (allgather) refuses variable_seq_lengths, even on a dense model.
+        moe_token_dispatcher_type=model.moe_token_dispatcher,
     )
     if model.is_moe:
         kwargs.update(
@@ -100,7 +104,6 @@ def transformer_config(config: Config, vocab_size: int):
             moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,  # rescaled per update: Engine.scale_moe_aux_loss
             moe_router_load_balancing_type="aux_loss",
-            moe_token_dispatcher_type=model.moe_token_dispatcher,
             moe_grouped_gemm=model.moe_grouped_gemm,
             moe_permute_fusion=False,
         )
@@ -127,7 +130,7 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
             num_experts=model.num_experts, moe_grouped_gemm=model.moe_grouped_gemm, qk_layernorm=model.qk_layernorm
         )
         return layer
-    from vespo_megatron.models.attention import ContextParallelAttention, DecodeStepAttention, KVCacheSelfAttention
+    from vespo_megatron.models.attention import ContextParallelAttention, LocalCoreAttention, KVCacheSelfAttention
     from vespo_megatron.models.norms import SequenceParallelNorm
 
     if model.is_moe and model.moe_grouped_gemm:
@@ -153,7 +156,7 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
         attn.k_layernorm = SequenceParallelNorm
     # KV-cache decoding (rollout/decode.py): keys cached with RoPE applied, fused one-token steps.
     sub.self_attention.module = KVCacheSelfAttention
-    attn.core_attention = ContextParallelAttention if config.parallel.cp > 1 else DecodeStepAttention
+    attn.core_attention = ContextParallelAttention if config.parallel.cp > 1 else LocalCoreAttention
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelNorm)
 

@@ -9,7 +9,8 @@ update over every data-parallel rank) are known before the update starts.
 * :func:`vespo_head`: VESPO on the same path; the kernel is applied to the all-reduced sums.
 * :func:`token_loss_head`: the token-level baselines (GRPO, GSPO, SAPO, CISPO) from vocabulary-
   parallel per-token log-probs.
-Per-sequence diagnostics are reported as ``seq/*`` vectors for the loop's step metrics.
+Per-sequence diagnostics are reported as ``seq/*`` vectors for the loop's step metrics; per-token values
+(``tok/*``) in the row layout ``[b, w]`` of the micro-batch's sequences, also for a packed micro-batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vespo_megatron.loss.policy import (
 )
 from vespo_megatron.loss.sequence import sequence_logprob_sums
 from vespo_megatron.models.gpt import unwrap
-from vespo_megatron.rl.batch import segment_ids
+from vespo_megatron.rl.batch import row_layout, segment_ids
 from vespo_megatron.rollout.generate import full_hidden
 from vespo_megatron.train.megatron_loss import rescale_for_global_normaliser
 
@@ -42,8 +43,9 @@ def _sequence_sums(output, batch, model, ctx, temperature, chunk_size):
     hidden = full_hidden(output, ctx) / temperature
     tp_group, seq_group = _groups(ctx)
     labels = batch["labels"]
+    segments = segment_ids(batch["loss_mask"], batch.get("sequence_index"))
     sums, _ = sequence_logprob_sums(
-        hidden, weight, labels.t().contiguous(), segment_ids(batch["loss_mask"]), labels.shape[0],
+        hidden, weight, labels.t().contiguous(), segments, batch["rows"].numel(),
         vocab_start=ctx.tp_rank * weight.shape[0], tp_group=tp_group, seq_group=seq_group, chunk_size=chunk_size,
     )
     return sums
@@ -57,7 +59,7 @@ def _token_logprobs(output, batch, model, ctx, temperature, chunk_size):
         hidden, weight, batch["labels"].t().contiguous(), vocab_start=ctx.tp_rank * weight.shape[0],
         tp_group=tp_group, chunk_size=chunk_size,
     )
-    return logprobs.t()
+    return row_layout(batch, logprobs.t())
 
 
 def _no_loss(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +209,7 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
 
     def head(output, batch, model):
         logprobs = _token_logprobs(output, batch, model, ctx, temperature, loss_cfg.chunk_size)
-        mask = batch["loss_mask"]
+        mask = row_layout(batch, batch["loss_mask"])
         inputs = PolicyLossInputs(
             logprobs=logprobs,
             old_logprobs=batch["old_logprobs"],

@@ -274,9 +274,9 @@ class Engine:
         if model.moe_aux_loss_coeff == 0:
             self.built.tconfig.moe_aux_loss_coeff = 0.0
             return
-        (loss_tokens,) = sum_over([sum(float(b["loss_mask"].sum()) for b in micro_batches)], self.ctx.dp_cp_group)
-        tokens = micro_batches[0]["tokens"]
-        routed = len(micro_batches) * self.ctx.dp * tokens.shape[0] * tokens.shape[1] * self.ctx.cp
+        # micro-batches may differ in shape (token budget, packing): count each one's routed positions
+        loss_tokens, routed = sum_over([sum(float(b["loss_mask"].sum()) for b in micro_batches),
+                                        sum(b["tokens"].numel() for b in micro_batches)], self.ctx.dp_cp_group)
         self.built.tconfig.moe_aux_loss_coeff = model.moe_aux_loss_coeff * max(float(loss_tokens), 1.0) / routed
 
     def close(self) -> None:
