@@ -10,7 +10,7 @@ from vespo_megatron.train.batches import packed_lm_batch
 from vespo_megatron.train.microbatching import SequenceTooLongError, assign_bins, check_lengths, plan_micro_batches
 
 LENGTHS = [12, 11, 10, 8, 7, 6, 5, 5, 0]
-CTX = SimpleNamespace(cp=1, cp_rank=0, tp=1, sequence_parallel=False, dp_group=None, pp=1, vpp=None)
+CTX = SimpleNamespace(cp=1, cp_rank=0, tp=1, sequence_parallel=False, dp_group=None)
 
 
 def _cost(members, pack):
@@ -50,7 +50,6 @@ def test_more_bins_on_request_none_empty(pack):
 def test_plan_without_data_parallel_group_is_the_local_plan():
     local = len(assign_bins(LENGTHS, 16, True))
     assert plan_micro_batches(LENGTHS, 16, True, None) == assign_bins(LENGTHS, 16, True, min_bins=local)
-    assert len(plan_micro_batches(LENGTHS, 100, True, None, multiple_of=2)) == 2
 
 
 def test_a_sequence_longer_than_the_budget_names_both_numbers():

@@ -448,6 +448,7 @@ def length_main(args, base) -> int:
 
 
 def format_length_row(r: dict) -> str:
+    """One table line of a ``--lengths`` row (or why it was skipped or failed)."""
     head = f"{r['layout']:<8} {r['loss']:<6} {r['mode']:<7}"
     if "skipped" in r or "error" in r:
         return f"{head}  {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped') or r['error']}"

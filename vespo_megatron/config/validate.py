@@ -302,12 +302,11 @@ def _validate_token_budget(config: Config, sequences: int) -> None:
         f"not divisible by rl.num_minibatches={rl.num_minibatches}; change prompts_per_step, group_size or "
         "num_minibatches",
     )
-    per_update = sequences // rl.num_minibatches
     _require(
-        not par.vpp or per_update % par.pp == 0,
-        f"the interleaved schedule needs a multiple of parallel.pp={par.pp} micro-batches per RL update; with "
-        f"train.max_tokens_per_microbatch the {per_update} sequences per update and data-parallel rank must be a "
-        f"multiple of it to fill them; change prompts_per_step, group_size or num_minibatches",
+        not par.vpp,
+        f"train.max_tokens_per_microbatch does not support parallel.vpp={par.vpp}: the interleaved schedule's "
+        "exchange of varying activation shapes (variable_seq_lengths) mismatches messages between the two "
+        "chunks' peers; set parallel.vpp=null or train.max_tokens_per_microbatch=null",
     )
     _require(
         not (train.pack_sequences and par.cp > 1),

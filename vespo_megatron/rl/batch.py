@@ -134,11 +134,7 @@ def micro_batch_rows(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int
     check_lengths(lengths.tolist(), max_tokens, rows.tolist())
     if not pack:  # a padded row's length is rounded up to the alignment: bin by the rounded length
         lengths = torch.tensor([align_up(int(length), row_alignment(ctx)) for length in lengths])
-    bins = plan_micro_batches(lengths.tolist(), max_tokens, pack, ctx.dp_group,
-                              multiple_of=ctx.pp if ctx.vpp else 1)
-    if any(not members for members in bins):
-        raise ValueError(f"{len(rows)} sequences cannot fill {len(bins)} micro-batches; with parallel.vpp the "
-                         "sequences per update and data-parallel rank must be a multiple of parallel.pp")
+    bins = plan_micro_batches(lengths.tolist(), max_tokens, pack, ctx.dp_group)
     return [rows[torch.tensor(members, dtype=torch.long)] for members in bins]
 
 

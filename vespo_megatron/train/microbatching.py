@@ -93,19 +93,18 @@ def assign_bins(lengths: Sequence[int], budget: int, pack: bool, min_bins: int =
     return (_packed_bins if pack else _padded_bins)(lengths, budget, min_bins)
 
 
-def plan_micro_batches(lengths: Sequence[int], budget: int, pack: bool, dp_group: Optional[dist.ProcessGroup],
-                       multiple_of: int = 1) -> list[list[int]]:
+def plan_micro_batches(lengths: Sequence[int], budget: int, pack: bool,
+                       dp_group: Optional[dist.ProcessGroup]) -> list[list[int]]:
     """:func:`assign_bins` with the same number of bins on every rank of ``dp_group`` (a collective there).
 
-    The count is the smallest one every rank fits its sequences into, rounded up to ``multiple_of`` (the
-    interleaved pipeline schedule needs a multiple of ``pp``). Each round is one max all-reduce; the count
-    only grows, so it ends after a few rounds.
+    The count is the smallest one every rank fits its sequences into; none of the bins is empty, since the
+    count never exceeds the sequences of the rank that needs the most bins and every rank holds as many
+    sequences. Each round is one max all-reduce; the count only grows, so it ends after a few rounds.
     """
     count = 1
     while True:
         bins = assign_bins(lengths, budget, pack, count)
         agreed = int(max_over([len(bins)], dp_group)[0])
-        agreed = -(-agreed // multiple_of) * multiple_of
         if agreed == count:
             return bins
         count = agreed
