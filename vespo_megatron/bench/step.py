@@ -280,14 +280,15 @@ def run_layout(args, name: str, loss: str, mode: Optional[str] = None, lengths: 
 
 # ----------------------------------------------------------------------------- --lengths: the three modes
 LENGTH_MODES = ("padded", "budget", "packed")
-"""``padded``: train.micro_batch_size sequences per micro-batch, each padded to the longest length drawn;
+"""``padded``: train.micro_batch_size sequences per micro-batch, each padded to the longest length drawn
+(rounded up to a multiple of 8);
 ``budget``: train.max_tokens_per_microbatch bins, each padded to its longest sequence; ``packed``: the same
 budget, sequences concatenated without padding."""
 
 
 def mode_overrides(args, mode: str, lengths: torch.Tensor) -> list[str]:
     """Config overrides of one ``--lengths`` mode: the sequence length the draws need, and the batching."""
-    longest = int(lengths.max())
+    longest = -(-int(lengths.max()) // 8) * 8  # a sequence length every layout's split divides (tp, 2*cp)
     common = [f"model.max_seq_length={longest}", f"train.seq_length={longest}", "rl.num_minibatches=1"]
     if mode == "padded":
         return common
