@@ -14,8 +14,9 @@ import json
 import sys
 
 from vespo_megatron import estimates
-from vespo_megatron.config import Config, ConfigError, load_config, validate
+from vespo_megatron.config import Config, ConfigError, validate
 from vespo_megatron.layout import build_layout, render_layout
+from vespo_megatron.run_config import load_run_config
 
 EXIT_INVALID = 2
 EXIT_OUT_OF_MEMORY = 3
@@ -140,7 +141,7 @@ def render(report: dict, config: Config) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_run_config(args.config, args.overrides)
         report = check(
             config,
             args.nodes,

@@ -70,10 +70,10 @@ def default_config_path() -> Path:
 
 
 def _worker(rank, world_size, config_path, overrides):
-    from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
+    from vespo_megatron.run_config import load_run_config
 
-    runner = run(load_config(config_path, overrides))
+    runner = run(load_run_config(config_path, overrides))
     return {"before": runner.eval_before, "after": runner.eval_after, "history": runner.history}
 
 

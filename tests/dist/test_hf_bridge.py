@@ -97,10 +97,10 @@ def test_import_then_export_is_bit_exact(tmp_path):
 
 
 def _train_worker(rank, world, overrides):
-    from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
+    from vespo_megatron.run_config import load_run_config
 
-    runner = run(load_config(None, overrides))
+    runner = run(load_run_config(None, overrides))
     return {"logits": megatron_logits(runner.engine, TOKENS), "history": runner.history,
             "eos": runner.tokenizer.stop_ids, "kind": type(runner.tokenizer).__name__}
 

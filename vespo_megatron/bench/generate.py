@@ -105,14 +105,14 @@ def hf_llama_copy(engine, config):
 def _measure(rank, world, config_path, overrides, length, batch, prompt_length, recompute_steps, with_hf):
     import dataclasses
 
-    from vespo_megatron.config import load_config
+    from vespo_megatron.run_config import load_run_config
     from vespo_megatron.rollout.decode import decode
     from vespo_megatron.rollout.generate import generate
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.tokenizer import load_tokenizer
     from vespo_megatron.train.engine import build_engine
 
-    config = load_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
+    config = load_run_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
     vocab = config.model.vocab_size or load_tokenizer(config.task.tokenizer).vocab_size
     engine = build_engine(config, initialize(config), vocab_size=vocab)
     new_tokens = length - prompt_length

@@ -36,7 +36,8 @@ import types
 
 import torch
 
-from vespo_megatron.config import ConfigError, load_config, validate
+from vespo_megatron.config import ConfigError, validate
+from vespo_megatron.run_config import load_run_config
 from vespo_megatron.runtime.local_workers import WorkerError, run_local_workers
 
 MIB = 1024**2
@@ -148,7 +149,7 @@ def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
-    config = load_config(config_path, overrides + _loss_overrides(loss))
+    config = load_run_config(config_path, overrides + _loss_overrides(loss))
     ctx = initialize(config)
     probe = MemoryProbe()
     probe.start()
@@ -231,7 +232,7 @@ def run_layout(args, name: str, loss: str) -> dict:
     layout_overrides, world = LAYOUTS[name]
     overrides = RESET + list(args.overrides) + layout_overrides
     row = dict(layout=name, loss=loss, world=world, overrides=layout_overrides)
-    config = load_config(args.config, overrides + _loss_overrides(loss))
+    config = load_run_config(args.config, overrides + _loss_overrides(loss))
     try:
         validate(config, world)
     except ConfigError as error:
@@ -328,7 +329,7 @@ def _import_before_fork() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _import_before_fork()
-    base = load_config(args.config, RESET + list(args.overrides))
+    base = load_run_config(args.config, RESET + list(args.overrides))
     if args.layouts is None:
         args.layouts = MOE_DEFAULT if base.model.is_moe else DENSE_DEFAULT
     rows = []

@@ -1,4 +1,9 @@
-"""YAML loading, ``section.key=value`` overrides and type coercion."""
+"""YAML loading, ``section.key=value`` overrides and type coercion.
+
+Pure: nothing here reads a model file. A config naming ``model.hf_path`` gets its model shapes in a
+separate step (:func:`vespo_megatron.models.hf.resolve_hf_model`; entry points call
+:func:`vespo_megatron.run_config.load_run_config`, which does both).
+"""
 
 from __future__ import annotations
 
@@ -65,16 +70,10 @@ def _build(cls: type, data: dict, where: str) -> Any:
 def config_from_dict(data: dict) -> Config:
     """Build a :class:`Config` from nested plain data (unknown keys and wrong types are errors).
 
-    With ``model.hf_path`` set, the model shapes come from that HF folder's config.json
-    (:func:`vespo_megatron.models.hf.resolve_model_config`); shape keys given here must agree with it.
+    ``model.hf_path`` is kept as given; the shapes it implies are filled in by
+    :func:`vespo_megatron.models.hf.resolve_hf_model`.
     """
-    config = _build(Config, data or {}, "")
-    if config.model.hf_path:
-        from vespo_megatron.models.hf import resolve_model_config
-
-        given = (data or {}).get("model") or {}
-        config.model = resolve_model_config(config.model, given_keys=set(given))
-    return config
+    return _build(Config, data or {}, "")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -97,11 +96,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_config_data(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` laid over it, mapping by mapping (a new dict; neither input changes)."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_config_data(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -121,8 +121,8 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: YAML error ({err}); fix the file") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+def load_config_data(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """The nested plain data of a YAML config (``{}`` when ``path`` is None) with the overrides laid over it."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -130,7 +130,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise FileNotFoundError(f"config file {path} does not exist")
         data = _read_yaml(path)
         _require(isinstance(data, dict), f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    return merge_config_data(data, parse_overrides(overrides or []))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides.
+
+    Reads no model files: with ``model.hf_path`` set, the model section is as written until
+    :func:`vespo_megatron.run_config.load_run_config` (or ``models.hf.resolve_hf_model``) resolves it.
+    """
+    return config_from_dict(load_config_data(path, overrides))
 
 
 def config_to_dict(config: Config) -> dict:

@@ -320,6 +320,7 @@ def run(config: Config) -> Runner:
     """The whole RL run on this rank: resume or warm up, then ``train.steps`` RL steps."""
     from vespo_megatron import checkpoint
     from vespo_megatron.metrics import MetricsLogger, ProgressBar
+    from vespo_megatron.runtime.preemption import install_preemption_handler
 
     ckpt_cfg = config.checkpoint
     resume_from = checkpoint.latest_checkpoint(ckpt_cfg.dir) if ckpt_cfg.dir and ckpt_cfg.resume else None
@@ -328,7 +329,7 @@ def run(config: Config) -> Runner:
         return _run_rollout_worker(runner)
     ctx = runner.engine.ctx
     if config.model.hf_path and ckpt_cfg.dir:
-        from vespo_megatron.models.hf import write_checkpoint_sidecar
+        from vespo_megatron.checkpoint.sidecar import write_checkpoint_sidecar
 
         write_checkpoint_sidecar(ckpt_cfg.dir, config)  # export-hf reads the HF config back from here
     if resume_from is not None:
@@ -344,7 +345,7 @@ def run(config: Config) -> Runner:
             runner.engine.freeze_reference()  # the policy as RL starts
     if config.rl.eval_prompts:
         runner.eval_before = evaluate(runner, config.rl.eval_prompts)
-    preemption = checkpoint.install_preemption_handler()
+    preemption = install_preemption_handler()
     logger = MetricsLogger(config.logging.run_dir, enabled=ctx.is_logging_rank, tensorboard=config.logging.tensorboard,
                            wandb_project=config.logging.wandb_project, config_dict=config_to_dict(config),
                            resume=resume_from is not None)
@@ -374,7 +375,7 @@ def run(config: Config) -> Runner:
             if saving:
                 checkpoint.save_checkpoint(runner.engine, ckpt_cfg.dir, runner.step, loop_state(runner))
             if ckpt_cfg.export_hf_every and runner.step % ckpt_cfg.export_hf_every == 0:
-                from vespo_megatron.models.hf import export_checkpoint
+                from vespo_megatron.checkpoint.sidecar import export_checkpoint
 
                 export_checkpoint(runner.engine, ckpt_cfg.dir, f"{ckpt_cfg.dir}/hf/step_{runner.step:08d}")
             if stop:
