@@ -1,4 +1,4 @@
-"""The Megatron-Bridge import shim for machines without Transformer Engine (runtime/compat.py)."""
+"""The Megatron-Bridge import shim for machines without Transformer Engine (runtime/compat/bridge.py)."""
 
 from __future__ import annotations
 

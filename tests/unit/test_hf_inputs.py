@@ -135,3 +135,17 @@ def test_chat_template_with_sentencepiece_is_refused():
         from vespo_megatron.config import validate
 
         validate(load_config(None, ["task.chat_template=true"]), 1)
+
+
+def test_check_config_resolves_the_hf_model_before_validating(qwen3_dir, tmp_path, capsys):
+    from vespo_megatron import estimates
+    from vespo_megatron.check_config import main as check_config_main
+
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model:\n  hf_path: {qwen3_dir}\n")
+    assert check_config_main([str(run), "--nodes", "1", "--gpus-per-node", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    hf_config = json.loads((qwen3_dir / "config.json").read_text())
+    assert report["ok"] and report["vocab_size"] == hf_config["vocab_size"]  # the HF model's, not the default
+    assert report["parameters"]["total"] == estimates.total_parameters(load_run_config(run), hf_config["vocab_size"])
+    assert report["parameters"]["total"] != estimates.total_parameters(load_config(run), hf_config["vocab_size"])
