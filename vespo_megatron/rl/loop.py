@@ -140,7 +140,8 @@ def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> flo
     """Greedy accuracy on ``num_prompts`` held-out prompts (same on every rank)."""
     from dataclasses import replace
 
-    from vespo_megatron.rollout.decode import sample
+    from vespo_megatron.rollout.common import DecodeRequest
+    from vespo_megatron.rollout.decoders import sample
 
     cfg = runner.config
     runner.engine.gather_params()  # the decoder reads parameters outside DDP's forward hooks (lean step)
@@ -150,10 +151,10 @@ def evaluate(runner: Runner, num_prompts: int, seed_offset: int = 10_000) -> flo
     while len(encoded) % micro:
         encoded.append(encoded[-1])
         samples.append(samples[-1])
-    generated = sample(runner.engine, encoded, replace(cfg.rollout), seq_length=cfg.seq_length,
-                       eos_id=runner.tokenizer.stop_ids, pad_id=runner.tokenizer.pad_id,
-                       generator=torch.Generator().manual_seed(0), greedy=True,
-                       vocab_size=runner.tokenizer.vocab_size)
+    generated = sample(runner.engine, encoded, DecodeRequest(
+        replace(cfg.rollout), seq_length=cfg.seq_length, eos_id=runner.tokenizer.stop_ids,
+        pad_id=runner.tokenizer.pad_id, generator=torch.Generator().manual_seed(0), greedy=True,
+        vocab_size=runner.tokenizer.vocab_size))
     rewards = score(runner.task, runner.tokenizer, generated, samples)[:num_prompts]
     return float((rewards >= 1.0).float().mean())
 

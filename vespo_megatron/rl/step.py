@@ -21,8 +21,8 @@ from vespo_megatron.models.routing import routing_recorder
 from vespo_megatron.rl.advantages import group_advantages, informative_groups
 from vespo_megatron.rl.batch import Rollout, micro_batches, minibatch_rows
 from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
-from vespo_megatron.rollout.decode import sample
-from vespo_megatron.rollout.generate import draw_uniforms
+from vespo_megatron.rollout.common import DecodeRequest, draw_uniforms
+from vespo_megatron.rollout.decoders import sample
 from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.train.batches import context_parallel_chunks
 
@@ -78,11 +78,12 @@ def sample_and_score(engine, cfg, tokenizer, task, prompts: list, generator: Opt
     samples = [s for s in prompts for _ in range(group)]
     encoded = [tokenizer.encode_prompt(s.prompt) for s in samples]
     stop = tuple(tuple(tokenizer.encode(text)) for text in cfg.rollout.stop)
-    generated = sample(
-        engine, encoded, cfg.rollout, seq_length=cfg.seq_length, eos_id=tokenizer.stop_ids,
-        pad_id=tokenizer.pad_id, generator=generator, uniforms=uniforms, vocab_size=tokenizer.vocab_size,
-        stop_sequences=stop, record_routing=cfg.rollout.routing_replay, policy_version=policy_version,
+    request = DecodeRequest(
+        cfg.rollout, seq_length=cfg.seq_length, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+        generator=generator, uniforms=uniforms, vocab_size=tokenizer.vocab_size, stop_sequences=stop,
     )
+    generated = sample(engine, encoded, request, record_routing=cfg.rollout.routing_replay,
+                       policy_version=policy_version)
     return generated, score(task, tokenizer, generated, samples)
 
 
