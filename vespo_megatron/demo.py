@@ -73,8 +73,8 @@ def _worker(rank, world_size, config_path, overrides):
     from vespo_megatron.rl.loop import run
     from vespo_megatron.run_config import load_run_config
 
-    runner = run(load_run_config(config_path, overrides))
-    return {"before": runner.eval_before, "after": runner.eval_after, "history": runner.history}
+    trainer = run(load_run_config(config_path, overrides))
+    return {"before": trainer.eval_before, "after": trainer.eval_after, "history": trainer.state.history}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,14 +22,14 @@ def import_hf(hf_dir, checkpoint_dir, config_path=None, overrides=()) -> Path:
     from vespo_megatron import checkpoint
     from vespo_megatron.checkpoint.sidecar import write_checkpoint_sidecar
     from vespo_megatron.models.hf import require_hf_dir
-    from vespo_megatron.rl.loop import build_runner, loop_state
+    from vespo_megatron.rl.loop import build_trainer, checkpoint_state
     from vespo_megatron.run_config import load_run_config
 
     require_hf_dir(hf_dir, field="HF_DIR")
     config = load_run_config(config_path, [*overrides, f"model.hf_path={hf_dir}", f"checkpoint.dir={checkpoint_dir}"])
-    runner = build_runner(config, hf_weights=True)
+    trainer = build_trainer(config, hf_weights=True)
     write_checkpoint_sidecar(checkpoint_dir, config)
-    return checkpoint.save_checkpoint(runner.engine, checkpoint_dir, 0, loop_state(runner))
+    return checkpoint.save_checkpoint(trainer.context.engine, checkpoint_dir, 0, checkpoint_state(trainer))
 
 
 def export_hf(checkpoint_path, out_dir, overrides=(), max_shard_bytes=None):

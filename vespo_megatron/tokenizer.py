@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -32,6 +33,23 @@ def default_tokenizer_path() -> Path:
 def default_corpus_path() -> Path:
     """Path of the text the shipped tokenizer is trained from."""
     return ASSETS_DIR / TINY_CORPUS_NAME
+
+
+class RunTokenizer(Protocol):
+    """What the RL loop uses of a tokenizer: :class:`Tokenizer` (sentencepiece) and
+    :class:`~vespo_megatron.models.hf_tokenizer.HFTokenizer` both provide it."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    stop_ids: list[int]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 class Tokenizer:
@@ -108,7 +126,7 @@ def load_tokenizer(model_path: str | Path | None = None) -> Tokenizer:
     return Tokenizer(default_tokenizer_path() if model_path is None else model_path)
 
 
-def load_run_tokenizer(config):
+def load_run_tokenizer(config) -> RunTokenizer:
     """The run's tokenizer: ``task.tokenizer`` (a sentencepiece file or an HF folder), else
     ``model.hf_path``'s tokenizer when that folder has one, else the shipped tiny model."""
     from vespo_megatron.models.hf_tokenizer import HFTokenizer, has_tokenizer

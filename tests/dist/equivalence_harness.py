@@ -64,7 +64,7 @@ def _rl_micro_batches(engine, ctx, config, head_kind, workdir, role):
     """This rank's RL micro-batches and the update's loss head; the reference fixes the old log-probs."""
     from vespo_megatron.rl.batch import micro_batches as rl_micro_batches
     from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
-    from vespo_megatron.train.batches import context_parallel_chunks
+    from vespo_megatron.runtime.collectives import context_parallel_chunks
 
     rollout = synthetic_rollout()
     old_path = os.path.join(workdir, "old_logprobs.pt")

@@ -232,7 +232,7 @@ def _with_sampler(setup_rollout):
 def _heads(case_config, ctx, ro, old_tok, old_sum, ref_sum, rows):
     from vespo_megatron.rl.batch import micro_batches
     from vespo_megatron.rl.heads import token_loss_head, vespo_head
-    from vespo_megatron.train.batches import context_parallel_chunks
+    from vespo_megatron.runtime.collectives import context_parallel_chunks
 
     mask = _response_mask(ro)
     # VESPO's behaviour sums are their own (perturbed) values; token losses carry the sums of their tokens,

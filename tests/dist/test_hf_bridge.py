@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from tests.hf_fixtures import build_hf_model, hf_logits, logits_worker, megatron_logits
-from vespo_megatron.models.hf import _auto_bridge_class
+from vespo_megatron.models.hf import auto_bridge_class
 from vespo_megatron.runtime.local_workers import run_local_workers
 
-_auto_bridge_class()  # imported once here (about 10 s), inherited by the forked workers
+auto_bridge_class()  # imported once here (about 10 s), inherited by the forked workers
 
 pytestmark = pytest.mark.slow
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -100,9 +100,10 @@ def _train_worker(rank, world, overrides):
     from vespo_megatron.rl.loop import run
     from vespo_megatron.run_config import load_run_config
 
-    runner = run(load_run_config(None, overrides))
-    return {"logits": megatron_logits(runner.engine, TOKENS), "history": runner.history,
-            "eos": runner.tokenizer.stop_ids, "kind": type(runner.tokenizer).__name__}
+    trainer = run(load_run_config(None, overrides))
+    context = trainer.context
+    return {"logits": megatron_logits(context.engine, TOKENS), "history": trainer.state.history,
+            "eos": context.tokenizer.stop_ids, "kind": type(context.tokenizer).__name__}
 
 
 def test_train_from_hf_then_export_reloads_in_transformers(tmp_path):

@@ -33,15 +33,19 @@ def _prompts(seed: int) -> list[list[int]]:
     return [torch.randint(2, 64, (length,), generator=gen).tolist() for length in PROMPT_LENGTHS]
 
 
-def _run(fn, engine, config, prompts, greedy, seed=5, **kwargs):
-    return fn(engine, prompts, config.rollout, seq_length=config.seq_length, eos_id=EOS, pad_id=0,
-              generator=torch.Generator().manual_seed(seed), greedy=greedy, vocab_size=60, **kwargs)
+def _run(fn, engine, config, prompts, greedy, seed=5, stop_sequences=(), **options):
+    from vespo_megatron.rollout.common import DecodeRequest
+
+    request = DecodeRequest(config.rollout, seq_length=config.seq_length, eos_id=EOS, pad_id=0,
+                            generator=torch.Generator().manual_seed(seed), greedy=greedy, vocab_size=60,
+                            stop_sequences=stop_sequences)
+    return fn(engine, prompts, request, **options)
 
 
 def _compare(engine, config, prompts, **kwargs) -> dict:
     """KV vs recompute, greedy and sampled: token equality, log-prob gap, and the sampled tokens."""
     from vespo_megatron.rollout.decode import decode
-    from vespo_megatron.rollout.generate import generate
+    from vespo_megatron.rollout.recompute import generate
 
     out = {}
     for greedy in (True, False):
@@ -128,7 +132,8 @@ def _sharded(rank, world, overrides, workdir):
 
 def _context_parallel(engine, config):
     """CP: the KV decoder refuses; rollout.engine=kv samples with the recompute decoder (CP-sharded)."""
-    from vespo_megatron.rollout.decode import decode, sample
+    from vespo_megatron.rollout.decode import decode
+    from vespo_megatron.rollout.decoders import sample
 
     out = {}
     try:
@@ -203,15 +208,14 @@ def test_sharded_layouts_match_recompute_and_the_single_process_samples(single, 
 
 
 def _moe(rank, world, overrides):
-    from types import SimpleNamespace
-
     from megatron.core.transformer.moe.router import TopKRouter
 
     from tests.dist.test_routing_replay import _RouterMaps
     from vespo_megatron.config import load_config
     from vespo_megatron.models.routing import routing_recorder, sequences_to_tokens, unrouted
     from vespo_megatron.rl.batch import Rollout
-    from vespo_megatron.rl.step import compute_old_logprobs, train_on_rollout
+    from vespo_megatron.rl.behaviour import compute_old_logprobs
+    from vespo_megatron.rl.step import train_on_rollout
     from vespo_megatron.rollout.decode import decode
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
@@ -237,9 +241,8 @@ def _moe(rank, world, overrides):
     rollout = Rollout(sequences=generated.sequences, prompt_lengths=generated.prompt_lengths,
                       response_lengths=generated.response_lengths, sampler_logprobs=generated.sampler_logprobs,
                       rewards=torch.zeros(n), advantages=torch.randn(n, generator=torch.Generator().manual_seed(1)))
-    runner = SimpleNamespace(config=config, engine=engine)
     free_rollout = Rollout(**{k: v for k, v in vars(rollout).items()})
-    compute_old_logprobs(runner, free_rollout)  # no sampler routing: records the trainer's own experts
+    compute_old_logprobs(config, engine, free_rollout)  # no sampler routing: records the trainer's own experts
     routed = recorded[..., 0] != unrouted(recorded.dtype)
     lengths = (generated.prompt_lengths + generated.response_lengths - 1).tolist()
     expected_routed = torch.zeros_like(routed)
@@ -249,7 +252,7 @@ def _moe(rank, world, overrides):
     trainer = free_rollout.routing_indices
     out["sampler_equals_trainer"] = torch.equal(recorded.sort(-1).values[routed], trainer.sort(-1).values[routed])
     rollout.routing_indices = recorded
-    compute_old_logprobs(runner, rollout)
+    compute_old_logprobs(config, engine, rollout)
     out["mismatch"] = float(rollout.routing_mismatch_frac)
     out["old_logprob_gap"] = float((rollout.old_logprob_sums - free_rollout.old_logprob_sums).abs().max())
 
@@ -263,7 +266,7 @@ def _moe(rank, world, overrides):
     from vespo_megatron.rl.step import rollout_minibatches
 
     (rows,) = rollout_minibatches(rollout, config, step)
-    train_on_rollout(runner, rollout, step)
+    train_on_rollout(config, engine, rollout, step)
     replay_exact, free_differs = [], 0
     for layer, router in enumerate(routers):
         for call, chunk in zip(maps.maps[id(router)], rows.split(config.train.micro_batch_size)):
@@ -274,7 +277,7 @@ def _moe(rank, world, overrides):
             replay_exact.append(torch.equal(got, expect))
     maps.reset()
     free_rollout.routing_indices = None
-    train_on_rollout(runner, free_rollout, step)
+    train_on_rollout(config, engine, free_rollout, step)
     for layer, router in enumerate(routers):
         for call, chunk in zip(maps.maps[id(router)], rows.split(config.train.micro_batch_size)):
             want = sequences_to_tokens(recorded[chunk][:, layer].long())

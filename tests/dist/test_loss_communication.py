@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from vespo_megatron.loss.comm_trace import trace_collectives
-from vespo_megatron.loss.sequence import sequence_logprob_sums, split_for_context_parallel
+from vespo_megatron.loss.sequence import sequence_logprob_sums
+from vespo_megatron.runtime.collectives import context_parallel_chunks
 from vespo_megatron.runtime.local_workers import run_local_workers
 
 BATCH, HIDDEN, VOCAB, EXTRA_ROWS = 4, 8, 16, 2
@@ -38,9 +39,9 @@ def traffic_worker(rank, world_size, tp, cp, seq_lens):
         weight = torch.randn(VOCAB, HIDDEN, generator=gen)
         targets = torch.randint(0, VOCAB, (seq_len, BATCH), generator=gen)
         rows = VOCAB // tp
-        hidden = split_for_context_parallel(hidden, cp, cp_rank, 0).requires_grad_()
+        hidden = context_parallel_chunks(hidden, cp, cp_rank, 0).requires_grad_()
         weight = weight[tp_rank * rows:(tp_rank + 1) * rows].clone().requires_grad_()
-        targets = split_for_context_parallel(targets, cp, cp_rank, 0)
+        targets = context_parallel_chunks(targets, cp, cp_rank, 0)
         segment_ids = torch.arange(BATCH).expand(targets.shape).contiguous()
         kwargs = dict(vocab_start=tp_rank * rows, tp_group=tp_group, seq_group=seq_group, chunk_size=5,
                       extra_partials=torch.ones(EXTRA_ROWS, BATCH))

@@ -9,8 +9,6 @@ The training mini-batch is a permutation of the rollout, so micro-batch composit
 behaviour pass and replay has to follow the per-sequence keying.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -90,19 +88,19 @@ def _scenario(rank, world, overrides):
 
     from vespo_megatron.config import load_config
     from vespo_megatron.models.routing import routing_load_metrics, routing_recorder
-    from vespo_megatron.rl.step import compute_old_logprobs, rollout_minibatches, train_on_rollout
+    from vespo_megatron.rl.behaviour import compute_old_logprobs
+    from vespo_megatron.rl.step import rollout_minibatches, train_on_rollout
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
     config = load_config(None, overrides)
     ctx = initialize(config)
     engine = build_engine(config, ctx, vocab_size=64)
-    runner = SimpleNamespace(config=config, engine=engine)
     routers = [m for chunk in engine.chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
     layer_numbers = routing_recorder(engine).layer_numbers
     maps = _RouterMaps(routers)
     rollout = _rollout(seed=100 + ctx.dp_rank)
-    compute_old_logprobs(runner, rollout)
+    compute_old_logprobs(config, engine, rollout)
     recorded = rollout.routing_indices
     out = {"recorded_shape": tuple(recorded.shape), "layers": layer_numbers, "dtype": str(recorded.dtype)}
     # The recorder reproduces what the routers output in the behaviour pass (rows in order).
@@ -121,11 +119,11 @@ def _scenario(rank, world, overrides):
     initial = _snapshot(engine)
 
     # (c) unchanged weights: replay == free routing.
-    replayed = train_on_rollout(runner, rollout, step)[0]
+    replayed = train_on_rollout(config, engine, rollout, step)[0]
     replayed_grads = _grads(engine)
     out["metrics_replay"] = routing_load_metrics(engine)
     _restore(engine, initial)
-    free = train_on_rollout(runner, _without_routing(rollout), step)[0]
+    free = train_on_rollout(config, engine, _without_routing(rollout), step)[0]
     free_grads = _grads(engine)
     out["metrics_free"] = routing_load_metrics(engine)
     out["loss"] = (replayed.metrics["loss/value"], free.metrics["loss/value"])
@@ -140,7 +138,7 @@ def _scenario(rank, world, overrides):
         noise = torch.randn(router.weight.shape, generator=gen) * 5 * router.weight.detach().std()
         router.weight.data.add_(noise)
     perturbed = _snapshot(engine)
-    train_on_rollout(runner, rollout, step)
+    train_on_rollout(config, engine, rollout, step)
     out["metrics_perturbed_replay"] = routing_load_metrics(engine)
     replay_equal = []
     for layer, router in enumerate(routers):
@@ -152,7 +150,7 @@ def _scenario(rank, world, overrides):
 
     # (b) the same pass without replay routes differently.
     _restore(engine, perturbed)
-    train_on_rollout(runner, _without_routing(rollout), step)
+    train_on_rollout(config, engine, _without_routing(rollout), step)
     routing_load_metrics(engine)
     changed_tokens = 0
     for layer, router in enumerate(routers):

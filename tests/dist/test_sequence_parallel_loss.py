@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from vespo_megatron.loss.logprobs import vocab_parallel_token_logprobs
-from vespo_megatron.loss.sequence import sequence_logprob_sums, split_for_context_parallel
+from vespo_megatron.loss.sequence import sequence_logprob_sums
+from vespo_megatron.runtime.collectives import context_parallel_chunks
 from vespo_megatron.runtime.local_workers import run_local_workers
 
 try:
@@ -108,7 +109,7 @@ def make_groups(tp: int, cp: int):
 def shard(problem: Problem, tp: int, cp: int, tp_rank: int, cp_rank: int):
     rows = problem.weight.shape[0] // tp
     def split(t):
-        return split_for_context_parallel(t, cp, cp_rank, 0)
+        return context_parallel_chunks(t, cp, cp_rank, 0)
     return dict(
         hidden=split(problem.hidden).clone().requires_grad_(),
         weight=problem.weight[tp_rank * rows:(tp_rank + 1) * rows].clone().requires_grad_(),
@@ -192,10 +193,10 @@ def check_case(problem: Problem, ref, results, tp, cp):
         torch.testing.assert_close(r["behaviour"], ref["behaviour"])
         torch.testing.assert_close(r["counts"], ref["counts"])
         torch.testing.assert_close(
-            r["token_logp"], split_for_context_parallel(ref["token_logp"], cp, r["cp_rank"], 0)
+            r["token_logp"], context_parallel_chunks(ref["token_logp"], cp, r["cp_rank"], 0)
         )
     for c, group in by_cp.items():
-        want = split_for_context_parallel(ref["hidden_grad"], cp, c, 0)
+        want = context_parallel_chunks(ref["hidden_grad"], cp, c, 0)
         torch.testing.assert_close(sum(r["hidden_grad"] for r in group), want)
         torch.testing.assert_close(sum(r["token_hidden_grad"] for r in group), want)
     for t in range(tp):
@@ -217,4 +218,4 @@ def test_sharded_vespo_loss_matches_unsharded(tp, cp):
 def test_middle_case_leaves_a_cp_rank_without_response_tokens():
     """Guards the ``middle`` case: with CP=2 the first rank must really hold no response token."""
     problem = make_problem("middle", 2)
-    assert (split_for_context_parallel(problem.segment_ids, 2, 0, 0) < 0).all()
+    assert (context_parallel_chunks(problem.segment_ids, 2, 0, 0) < 0).all()

@@ -45,7 +45,7 @@ def _global_expert_name(name: str, ep_rank: int, per_rank: int) -> str:
 def _sync(rank, world, overrides):
     from vespo_megatron.models.gpt import unwrap
     from vespo_megatron.rl.weight_sync import TrainerSync, exchange_manifests
-    from vespo_megatron.rl.workers import RolloutWorker
+    from vespo_megatron.rl.worker import RolloutWorker
     from vespo_megatron.runtime.distributed import initialize_disaggregated
     from vespo_megatron.tasks import build_task
     from vespo_megatron.tokenizer import load_tokenizer

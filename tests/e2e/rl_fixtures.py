@@ -58,9 +58,9 @@ def run_worker(rank, world_size, overrides_):
     """``vespo_megatron.rl.loop.run`` on this worker; returns what the tests look at."""
     from vespo_megatron.rl.loop import run
 
-    runner = run(load(overrides_))
-    return {"history": runner.history, "step": runner.step, "iteration": runner.engine.iteration,
-            "eval_before": runner.eval_before, "eval_after": runner.eval_after}
+    trainer = run(load(overrides_))
+    return {"history": trainer.state.history, "step": trainer.state.step, "iteration": trainer.context.engine.iteration,
+            "eval_before": trainer.eval_before, "eval_after": trainer.eval_after}
 
 
 def run_workers(world_size: int, overrides_: list[str], timeout_s: float = 900):

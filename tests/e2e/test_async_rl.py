@@ -37,15 +37,15 @@ def _run_and_weights(rank, world_size, overrides_):
     from vespo_megatron.models.gpt import unwrap
     from vespo_megatron.rl.loop import run
 
-    runner = run(load(overrides_))
-    if runner.split is not None and runner.split.role == "rollout":
-        return {"role": "rollout", "step": runner.step}
+    result = run(load(overrides_))
+    if result.role == "rollout":
+        return {"role": "rollout", "step": result.steps}
     weights = {}
-    for index, chunk in enumerate(runner.engine.chunks):
+    for index, chunk in enumerate(result.context.engine.chunks):
         for name, value in unwrap(chunk).state_dict().items():
             if torch.is_tensor(value):
                 weights[f"{index}.{name}"] = value.detach().clone()
-    return {"role": "trainer", "history": runner.history, "step": runner.step, "weights": weights}
+    return {"role": "trainer", "history": result.state.history, "step": result.state.step, "weights": weights}
 
 
 def _records(run_dir):
@@ -90,46 +90,46 @@ def test_bounded_staleness_drops_and_counts(tmp_path):
 
 def _killed_worker(rank, world_size, overrides_, kill_at_step):
     """The RL loop, except that the rollout worker SIGKILLs itself when it reaches ``kill_at_step``."""
-    from vespo_megatron.rl import workers
+    from vespo_megatron.rl import worker
 
-    original = workers.RolloutWorker._generate
+    original = worker.RolloutWorker._generate
 
     def generate(self, step):
         if step == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self, step)
 
-    workers.RolloutWorker._generate = generate
+    worker.RolloutWorker._generate = generate
     return _run_and_weights(rank, world_size, overrides_)
 
 
 def _stopped_worker(rank, world_size, overrides_, stop_at_step):
     """The RL loop, except that the rollout worker SIGSTOPs itself (heartbeat included) at ``stop_at_step``."""
-    from vespo_megatron.rl import workers
+    from vespo_megatron.rl import worker
 
-    original = workers.RolloutWorker._generate
+    original = worker.RolloutWorker._generate
 
     def generate(self, step):
         if step == stop_at_step:
             os.kill(os.getpid(), signal.SIGSTOP)
         return original(self, step)
 
-    workers.RolloutWorker._generate = generate
+    worker.RolloutWorker._generate = generate
     return _run_and_weights(rank, world_size, overrides_)
 
 
 def _slow_worker(rank, world_size, overrides_, slow_step, seconds):
     """The RL loop, except that the rollout worker takes ``seconds`` longer over step ``slow_step``."""
-    from vespo_megatron.rl import workers
+    from vespo_megatron.rl import worker
 
-    original = workers.RolloutWorker._generate
+    original = worker.RolloutWorker._generate
 
     def generate(self, step):
         if step == slow_step:
             time.sleep(seconds)
         return original(self, step)
 
-    workers.RolloutWorker._generate = generate
+    worker.RolloutWorker._generate = generate
     return _run_and_weights(rank, world_size, overrides_)
 
 
@@ -176,10 +176,10 @@ def _trainer_signalling_itself(rank, world_size, overrides_, at_step, signum=sig
 
     original = loop.run_step
 
-    def run_step(runner):
-        if runner.split.role == "trainer" and runner.step + 1 == at_step:
+    def run_step(context, state, link=None, stop_requested=None):
+        if state.step + 1 == at_step:
             os.kill(os.getpid(), signum)
-        return original(runner)
+        return original(context, state, link, stop_requested)
 
     loop.run_step = run_step
     return _run_and_weights(rank, world_size, overrides_)
@@ -279,7 +279,7 @@ def test_a_step_out_of_order_is_an_error_naming_both_indices():
     from types import SimpleNamespace
 
     from vespo_megatron.rl.weight_sync import WorkerFailure
-    from vespo_megatron.rl.workers import RemoteRollouts
+    from vespo_megatron.rl.remote import RemoteRollouts
 
     remote = RemoteRollouts.__new__(RemoteRollouts)
     remote.config = load(overrides(Path("/tmp"), "rl.lookahead=2", "parallel.rollout_ranks=1"))
@@ -388,16 +388,16 @@ def test_default_disaggregated_run_puts_the_lag_into_log_w_and_reports_the_misma
 
 def _counting_decodes(rank, world_size, overrides_):
     """The RL loop; a rollout worker counts its calls into the sampler."""
-    from vespo_megatron.rl import step
+    from vespo_megatron.rl import worker
 
     calls = []
-    original = step.sample_and_score
+    original = worker.sample_and_score
 
     def sample_and_score(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    step.sample_and_score = sample_and_score
+    worker.sample_and_score = sample_and_score
     result = _run_and_weights(rank, world_size, overrides_)
     result["decodes"] = len(calls)
     return result
@@ -429,11 +429,12 @@ def _partial_worker_run(rank, world_size, overrides_, decode_step_s):
     generations). The worker keeps its weights after every push and each decode's output, then recomputes every
     sampled token's log-prob under the weights of the version that sampled it."""
     from vespo_megatron.models.gpt import unwrap
-    from vespo_megatron.rl import step as step_module
-    from vespo_megatron.rl import weight_sync, workers
+    from vespo_megatron.rl import weight_sync
+    from vespo_megatron.rl import worker as worker_module
 
     weights, decoded = {}, []
-    receive, poll, sample = weight_sync.WorkerSync.receive, workers.RolloutWorker.poll_pushes, step_module.sample_and_score
+    receive, poll = weight_sync.WorkerSync.receive, worker_module.RolloutWorker.poll_pushes
+    sample = worker_module.sample_and_score
 
     def slow_poll(self):
         time.sleep(decode_step_s)
@@ -444,16 +445,16 @@ def _partial_worker_run(rank, world_size, overrides_, decode_step_s):
         decoded.append(generated)
         return generated, rewards
 
-    workers.RolloutWorker.poll_pushes = slow_poll
-    step_module.sample_and_score = keep_sample
+    worker_module.RolloutWorker.poll_pushes = slow_poll
+    worker_module.sample_and_score = keep_sample
     worker_ref = {}
-    original_init = workers.RolloutWorker.__init__
+    original_init = worker_module.RolloutWorker.__init__
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         worker_ref["worker"] = self
 
-    workers.RolloutWorker.__init__ = init
+    worker_module.RolloutWorker.__init__ = init
 
     def keep_weights(self):
         out = receive(self)
@@ -524,10 +525,10 @@ def test_partial_rollouts_stop_and_resume_train_every_step_once(tmp_path):
               f"checkpoint.dir={tmp_path / 'ckpt'}", *PARTIAL, *SPLIT]
 
     def slowed(rank, world_size, overrides_, signal_at_step):
-        from vespo_megatron.rl import workers
+        from vespo_megatron.rl import worker
 
-        poll = workers.RolloutWorker.poll_pushes
-        workers.RolloutWorker.poll_pushes = lambda self: (time.sleep(0.03), poll(self))[1]
+        poll = worker.RolloutWorker.poll_pushes
+        worker.RolloutWorker.poll_pushes = lambda self: (time.sleep(0.03), poll(self))[1]
         return _signalled_trainer(rank, world_size, overrides_, signal_at_step)
 
     stopped = run_local_workers(slowed, 2, overrides(tmp_path, *common), 3, timeout_s=600)[0]

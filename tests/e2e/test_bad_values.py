@@ -18,16 +18,17 @@ def _poisoned_update_worker(rank, world, overrides_):
 
     from vespo_megatron.models.gpt import unwrap
     from vespo_megatron.rl.heads import NonFiniteLogprobsError
-    from vespo_megatron.rl.loop import _next_rollout, build_runner
-    from vespo_megatron.rl.step import train_on_rollout
+    from vespo_megatron.rl.loop import build_trainer
+    from vespo_megatron.rl.step import next_local_rollout, train_on_rollout
 
-    runner = build_runner(load(overrides_))
-    runner.step = 5
-    rollout = _next_rollout(runner)
+    trainer = build_trainer(load(overrides_))
+    context, state = trainer.context, trainer.state
+    state.step = 5
+    rollout = next_local_rollout(context, state)
     with torch.no_grad():
-        unwrap(runner.engine.chunks[-1]).output_weight()[3, 0] = float("nan")
+        unwrap(context.engine.chunks[-1]).output_weight()[3, 0] = float("nan")
     try:
-        train_on_rollout(runner, rollout, runner.step)
+        train_on_rollout(context.config, context.engine, rollout, state.step)
     except NonFiniteLogprobsError as err:
         return str(err)
     return None

@@ -163,12 +163,6 @@ def wait_for(predicate, timeout_s: float, what: str, log=lambda: ""):
     pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{log()}")
 
 
-@pytest.mark.xfail(
-    reason="cause found (slurmd refused a requeued job released before it had let go of the first run's batch step: "
-           "'Job N already killed, do not launch batch job'); the test now waits for slurmd. Passed 3 of 3 in a fresh "
-           "venv after the fix; to be made strict once more runs confirm it (docs/launching.md)",
-    strict=False,
-)
 def test_slurm_signal_checkpoints_requeues_and_resumes(slurm_env, tmp_path):
     steps = 40
     config, run_dir, ckpt_dir = write_config(tmp_path, steps=steps, save_every=2)

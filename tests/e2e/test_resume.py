@@ -73,19 +73,19 @@ def test_kill_9_then_resume_logs_what_an_uninterrupted_run_logs(tmp_path):
 
 def _continue_worker(rank, world_size, overrides_):
     """``run`` from the checkpoint, recording what the first resumed update saw before it changed anything."""
-    import vespo_megatron.rl.loop as loop
+    import vespo_megatron.rl.step as step_module
 
     seen = {}
-    train_on_rollout = loop.train_on_rollout
+    train_on_rollout = step_module.train_on_rollout
 
-    def recording(runner, rollout, step):
-        results = train_on_rollout(runner, rollout, step)
+    def recording(config, engine, rollout, step):
+        results = train_on_rollout(config, engine, rollout, step)
         if not seen:
             seen.update(resumed_step=step, old_logprob_sums=rollout.old_logprob_sums.clone(),
                         first_update_loss=results[0].metrics["loss/value"])
         return results
 
-    loop.train_on_rollout = recording
+    step_module.train_on_rollout = recording
     out = run_worker(rank, world_size, overrides_)
     return {**out, **seen}
 

@@ -112,22 +112,22 @@ WARM = ["rl.sft_warmup_steps=20", "rl.sft_lr=3e-3", "optimizer.lr=1e-2"]
 """A short supervised warm-up, so that some groups have mixed rewards (non-zero advantages, real updates)."""
 
 
-def _warm_runner(overrides_):
-    from vespo_megatron.rl.loop import build_runner, supervised_warmup
+def _warm_trainer(overrides_):
+    from vespo_megatron.rl.loop import build_trainer
+    from vespo_megatron.rl.warmup import supervised_warmup
 
     config = load(overrides_)
-    runner = build_runner(config)
-    supervised_warmup(runner, config.rl.sft_warmup_steps)
-    return runner
+    trainer = build_trainer(config)
+    supervised_warmup(trainer.context, config.rl.sft_warmup_steps)
+    return trainer
 
 
 def _staleness_worker(rank, world_size, overrides_):
-    from vespo_megatron.rl.loop import _next_rollout
-    from vespo_megatron.rl.step import train_on_rollout
+    from vespo_megatron.rl.step import next_local_rollout, train_on_rollout
 
-    runner = _warm_runner(overrides_)
-    rollout = _next_rollout(runner)
-    results = train_on_rollout(runner, rollout, step=0)
+    trainer = _warm_trainer(overrides_)
+    rollout = next_local_rollout(trainer.context, trainer.state)
+    results = train_on_rollout(trainer.context.config, trainer.context.engine, rollout, step=0)
     vectors = [[report["seq/log_w"] for report in result.reported] for result in results]
     return vectors, float(rollout.advantages.abs().sum())
 
@@ -148,13 +148,13 @@ def test_minibatches_use_the_sampling_policy_as_behaviour_policy(tmp_path):
 
 
 def _async_worker(rank, world_size, overrides_):
-    from vespo_megatron.rl.loop import run_step
+    from vespo_megatron.rl.step import run_step
 
-    runner = _warm_runner(overrides_)
+    trainer = _warm_trainer(overrides_)
     out = []
     for _ in range(6):
-        out.append(run_step(runner))
-        runner.step += 1
+        out.append(run_step(trainer.context, trainer.state))
+        trainer.state.step += 1
     return out
 
 

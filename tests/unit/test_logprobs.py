@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vespo_megatron.loss.logprobs import vocab_parallel_token_logprobs
-from vespo_megatron.loss.sequence import sequence_logprob_sums, split_for_context_parallel
+from vespo_megatron.loss.sequence import sequence_logprob_sums
+from vespo_megatron.runtime.collectives import context_parallel_chunks
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
@@ -126,17 +127,17 @@ def test_forward_under_no_grad():
     torch.testing.assert_close(sums, naive_sequence_sums(hidden, weight, targets, seg, 1).detach())
 
 
-def test_split_for_context_parallel_is_load_balanced():
+def test_context_parallel_chunks_is_load_balanced():
     x = torch.arange(16).reshape(1, 16)
-    assert split_for_context_parallel(x, 2, 0, 1).tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
-    assert split_for_context_parallel(x, 2, 1, 1).tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
-    assert split_for_context_parallel(x, 1, 0, 1) is x
-    parts = [split_for_context_parallel(x, 4, r, 1) for r in range(4)]
+    assert context_parallel_chunks(x, 2, 0, 1).tolist() == [[0, 1, 2, 3, 12, 13, 14, 15]]
+    assert context_parallel_chunks(x, 2, 1, 1).tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
+    assert context_parallel_chunks(x, 1, 0, 1) is x
+    parts = [context_parallel_chunks(x, 4, r, 1) for r in range(4)]
     assert sorted(torch.cat(parts, 1).flatten().tolist()) == list(range(16))
-    with pytest.raises(ValueError, match="2\\*cp_size"):
-        split_for_context_parallel(torch.arange(6)[None], 2, 0, 1)
+    with pytest.raises(ValueError, match="2\\*cp="):
+        context_parallel_chunks(torch.arange(6)[None], 2, 0, 1)
     with pytest.raises(ValueError, match="cp_rank"):
-        split_for_context_parallel(x, 2, 2, 1)
+        context_parallel_chunks(x, 2, 2, 1)
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def test_disaggregated_trainer_grid_excludes_rollout_ranks():
 
 def test_sampler_behaviour_uses_the_sampler_logprobs():
     from vespo_megatron.rl.batch import Rollout
-    from vespo_megatron.rl.step import use_sampler_logprobs
+    from vespo_megatron.rl.behaviour import use_sampler_logprobs
 
     sampler = torch.tensor([[0.0, -0.5, -1.0, -2.0, 0.0], [0.0, 0.0, -0.25, -0.75, -3.0]])
     rollout = Rollout(sequences=torch.zeros(2, 5, dtype=torch.long), prompt_lengths=torch.tensor([1, 2]),

@@ -32,7 +32,6 @@ import math
 import resource
 import statistics
 import time
-import types
 
 import torch
 
@@ -107,13 +106,13 @@ class MemoryProbe:
 # ------------------------------------------------------------------------------- synthetic batches
 def sft_micro_batches(config, ctx, vocab_size: int, seed: int) -> list[dict]:
     """This rank's share of a fixed random global batch (every token trained on), CP-sharded."""
+    from vespo_megatron.runtime.collectives import data_parallel_rows
     from vespo_megatron.train.batches import causal_lm_batch, shard_micro_batch
 
     train, seq = config.train, config.seq_length
     gen = torch.Generator().manual_seed(seed)
     sequences = torch.randint(0, vocab_size, (train.global_batch_size, seq + 1), generator=gen)
-    per_rank = train.global_batch_size // ctx.dp
-    mine = sequences[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
+    mine = sequences[data_parallel_rows(train.global_batch_size, ctx.dp, ctx.dp_rank)]
     return [shard_micro_batch(causal_lm_batch(rows, torch.ones_like(rows)), ctx)
             for rows in mine.split(train.micro_batch_size)]
 
@@ -121,6 +120,7 @@ def sft_micro_batches(config, ctx, vocab_size: int, seed: int) -> list[dict]:
 def synthetic_rollout(config, ctx, vocab_size: int, seed: int):
     """This DP rank's share of a random rollout: prompts of seq/4 tokens, responses of seq/4..3seq/4."""
     from vespo_megatron.rl.batch import Rollout
+    from vespo_megatron.runtime.collectives import data_parallel_rows
 
     n, seq = config.train.global_batch_size, config.seq_length
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +130,7 @@ def synthetic_rollout(config, ctx, vocab_size: int, seed: int):
     prompt_lengths = torch.full((n,), prompt)
     sampler = -2.0 * torch.rand(n, seq + 1, generator=gen)
     advantages = torch.randn(n, generator=gen)
-    rows = torch.arange(n).chunk(ctx.dp)[ctx.dp_rank]
+    rows = data_parallel_rows(n, ctx.dp, ctx.dp_rank)
     rollout = Rollout(sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=response,
                       sampler_logprobs=sampler, rewards=(advantages > 0).float(), advantages=advantages)
     rollout = rollout.select(rows)
@@ -154,7 +154,6 @@ def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_
     probe = MemoryProbe()
     probe.start()
     engine = build_engine(config, ctx, vocab_size=vocab_size)
-    runner = types.SimpleNamespace(config=config, engine=engine)
     old_logprob_seconds = None
     if loss == "sft":
         from vespo_megatron.train.sft import sft_loss_head
@@ -164,16 +163,17 @@ def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_
         def one_step(index):
             return [engine.train_step(micro, sft_loss_head)]
     else:
-        from vespo_megatron.rl.step import compute_old_logprobs, train_on_rollout
+        from vespo_megatron.rl.behaviour import compute_old_logprobs
+        from vespo_megatron.rl.step import train_on_rollout
 
         rollout = synthetic_rollout(config, ctx, vocab_size, seed)
         dist.barrier()
         started = time.perf_counter()
-        compute_old_logprobs(runner, rollout)
+        compute_old_logprobs(config, engine, rollout)
         old_logprob_seconds = time.perf_counter() - started
 
         def one_step(index):
-            return train_on_rollout(runner, rollout, index)
+            return train_on_rollout(config, engine, rollout, index)
 
     timings = []
     last = None

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
-from vespo_megatron.config.errors import ConfigError, _require
+from vespo_megatron.config.errors import ConfigError, require
 from vespo_megatron.config.run import Config
 
 
@@ -26,16 +26,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if origin is Literal:
         allowed = get_args(annotation)
-        _require(value in allowed, f"{where}={value!r} is not one of {list(allowed)}")
+        require(value in allowed, f"{where}={value!r} is not one of {list(allowed)}")
         return value
     if dataclasses.is_dataclass(annotation):
-        _require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
+        require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
         return _build(annotation, value, where)
     if annotation is bool:
-        _require(isinstance(value, bool), f"{where}={value!r} must be true or false")
+        require(isinstance(value, bool), f"{where}={value!r} must be true or false")
         return value
     if annotation is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer")
+        require(isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer")
         return value
     if annotation is float:
         # YAML 1.1 reads exponents without a dot (1e-6, 3e-4) as strings; accept them as numbers.
@@ -44,12 +44,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _require(
+        require(
             isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}={value!r} must be a number"
         )
         return float(value)
     if annotation is str:
-        _require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string")
+        require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string")
         return str(value)
     return value
 
@@ -59,7 +59,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     prefix = f"{where}." if where else ""
-    _require(not unknown, f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(names)}")
+    require(not unknown, f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(names)}")
     kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
     try:
         return cls(**kwargs)
@@ -81,12 +81,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     nested: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        _require(bool(sep) and bool(key), f"override {item!r} must look like section.key=value")
+        require(bool(sep) and bool(key), f"override {item!r} must look like section.key=value")
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-            _require(isinstance(node, dict), f"override {item!r} conflicts with another override")
+            require(isinstance(node, dict), f"override {item!r} conflicts with another override")
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
@@ -129,7 +129,7 @@ def load_config_data(path: str | Path | None = None, overrides: list[str] | None
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         data = _read_yaml(path)
-        _require(isinstance(data, dict), f"{path}: the top level must be a mapping of sections")
+        require(isinstance(data, dict), f"{path}: the top level must be a mapping of sections")
     return merge_config_data(data, parse_overrides(overrides or []))
 
 

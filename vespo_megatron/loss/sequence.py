@@ -38,26 +38,6 @@ from vespo_megatron.loss.logprobs import (
 )
 
 
-def split_for_context_parallel(tensor: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int) -> torch.Tensor:
-    """The load-balanced context-parallel slice of ``tensor`` along ``seq_dim``.
-
-    The sequence is cut into ``2 * cp_size`` equal chunks and CP rank ``r`` keeps chunks ``r`` and
-    ``2 * cp_size - 1 - r`` (so causal-attention work is even across ranks), concatenated in that order.
-    """
-    if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank={cp_rank} must lie in [0, cp_size={cp_size})")
-    if cp_size == 1:
-        return tensor
-    length = tensor.shape[seq_dim]
-    if length % (2 * cp_size):
-        raise ValueError(
-            f"sequence length {length} (dim {seq_dim}) is not divisible by 2*cp_size={2 * cp_size}; "
-            "pad the batch to a multiple of 2*cp"
-        )
-    chunks = tensor.chunk(2 * cp_size, dim=seq_dim)
-    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=seq_dim)
-
-
 def sequence_partials(target_logit, lse_slice, segments, slice_start, num_sequences):
     """This rank's ``[num_sequences]`` partial: all its target logits minus its slice's logsumexps."""
     partial = target_logit.new_zeros(num_sequences)

@@ -237,6 +237,29 @@ def unwrap(chunk):
     return chunk
 
 
+def model_device(model) -> torch.device:
+    """The device ``model``'s parameters live on (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def full_hidden(hidden: torch.Tensor, ctx) -> torch.Tensor:
+    """Last-stage hidden states as every TP rank needs them for a vocabulary-parallel projection.
+
+    With sequence parallelism the gather's backward is a reduce-scatter over TP; without it Megatron's
+    copy-to-TP mapping all-reduces the gradient. Either way the partial input gradients that the
+    vocabulary-parallel log-prob functions return get summed over TP, as the output layer would do.
+    """
+    from megatron.core import tensor_parallel  # here, as everywhere in this module: importing megatron.core takes seconds
+
+    if ctx.tp == 1:
+        return hidden
+    if ctx.sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+
+
 def count_parameters(chunks) -> int:
     """Parameters held by this rank (shared embeddings counted once per rank)."""
     seen = set()

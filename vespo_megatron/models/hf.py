@@ -70,7 +70,7 @@ _BUILDER_FIXED = {
 # ------------------------------------------------------------------------------------- the bridge
 
 
-def _auto_bridge_class():
+def auto_bridge_class():
     """``megatron.bridge.AutoBridge``, importable without Transformer Engine (runtime/compat.py)."""
     import megatron.core  # noqa: F401 - megatron.core settles its own TE checks before the bridge loads
 
@@ -127,7 +127,7 @@ def hf_config(hf_path):
 
 def bridge_for(hf_path, with_weights: bool = False):
     """An AutoBridge for ``hf_path``; raises a ConfigError naming the architecture when unsupported."""
-    auto_bridge = _auto_bridge_class()
+    auto_bridge = auto_bridge_class()
     path = require_hf_dir(hf_path)
     config = hf_config(path)
     try:

@@ -25,9 +25,8 @@ from vespo_megatron.loss.policy import (
     vespo_sequence_loss,
 )
 from vespo_megatron.loss.sequence import sequence_logprob_sums
-from vespo_megatron.models.gpt import unwrap
+from vespo_megatron.models.gpt import full_hidden, unwrap
 from vespo_megatron.rl.batch import segment_ids
-from vespo_megatron.rollout.generate import full_hidden
 from vespo_megatron.train.megatron_loss import rescale_for_global_normaliser
 
 

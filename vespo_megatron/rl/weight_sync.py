@@ -20,6 +20,7 @@ source after the other cannot deadlock them. Every wait lasts while the peer is 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ class WorkerSync:
         for source in sorted(self.manifests):
             for bucket in self.manifests[source]:
                 dtype = next(iter(self.local.values()))[1].dtype
-                numel = sum(_numel(spec.shape) for spec in bucket)
+                numel = sum(math.prod(spec.shape) for spec in bucket)
                 flat = torch.empty(numel, dtype=dtype, device=next(iter(self.local.values()))[1].device)
                 work = post(dist.irecv, flat, source, self.split.weights_group, WEIGHTS_TAG,
                             f"weight sync from trainer rank {source}")
@@ -193,7 +194,7 @@ class WorkerSync:
                 received += flat.numel() * flat.element_size()
                 offset = 0
                 for spec in bucket:
-                    size = _numel(spec.shape)
+                    size = math.prod(spec.shape)
                     self._apply(spec, flat[offset : offset + size].view(spec.shape))
                     offset += size
         return received
@@ -215,13 +216,6 @@ class WorkerSync:
                     continue
                 piece = values.narrow(sent.dim, src_local + start - src_start, end - start)
                 param.narrow(mine.dim, dst_local + start - dst_start, end - start).copy_(piece)
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= int(size)
-    return total
 
 
 def exchange_manifests(split, trainer_sync: Optional[TrainerSync], dp_rank: Optional[int] = None

@@ -28,6 +28,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from vespo_megatron.models.attention import decode_attention
 from vespo_megatron.models.gpt import unwrap
@@ -35,11 +39,6 @@ from vespo_megatron.models.gpt import unwrap
 
 def lean_step_blocker(engine) -> Optional[str]:
     """Why :class:`LeanDecodeStep` cannot run this engine's model (None when it can)."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention
-    from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
     if engine.ctx.pp > 1 or len(engine.chunks) != 1:
         return "pipeline parallelism (the stages exchange activations)"
     model = unwrap(engine.chunks[0])

@@ -54,10 +54,10 @@ def _job(rank, world_size, config_path: str, overrides: list[str]) -> dict:
     from vespo_megatron.rl.loop import run
     from vespo_megatron.run_config import load_run_config
 
-    runner = run(load_run_config(config_path, overrides))
-    if runner.split is not None and runner.split.role == "rollout":
+    result = run(load_run_config(config_path, overrides))
+    if result.role == "rollout":
         return {"role": "rollout"}
-    return {"role": "trainer", "eval_before": runner.eval_before, "eval_after": runner.eval_after}
+    return {"role": "trainer", "eval_before": result.eval_before, "eval_after": result.eval_after}
 
 
 def lag_summary(records: list[dict]) -> dict:

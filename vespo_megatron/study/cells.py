@@ -20,12 +20,9 @@ from vespo_megatron.study.summary import refresh, summarise
 def warm_start(plan: Plan, config_path: str, model: str, seed: int) -> dict:
     """Warm up once and save; a saved warm start from an earlier run with the same plan is reused."""
     from vespo_megatron.checkpoint import latest_checkpoint, save_checkpoint
-    from vespo_megatron.rl.loop import (
-        build_runner,
-        evaluate,
-        loop_state,
-        supervised_warmup,
-    )
+    from vespo_megatron.rl.evaluation import evaluate
+    from vespo_megatron.rl.loop import build_trainer, checkpoint_state
+    from vespo_megatron.rl.warmup import supervised_warmup
     from vespo_megatron.run_config import load_run_config
 
     root = plan.unit_dir(model, seed) / "warm_start"
@@ -35,11 +32,11 @@ def warm_start(plan: Plan, config_path: str, model: str, seed: int) -> dict:
     m = plan.minibatch_sequences
     config = load_run_config(config_path, unit_overrides(plan, model, seed) + [
         f"train.micro_batch_size={m}", f"train.global_batch_size={m}", f"optimizer.lr={WARMUP_LR}"])
-    runner = build_runner(config)
+    trainer = build_trainer(config)
     started = time.perf_counter()
-    losses = supervised_warmup(runner, plan.warmup_steps)
-    accuracy = evaluate(runner, plan.eval_prompts) if plan.eval_prompts else None
-    path = save_checkpoint(runner.engine, root, plan.warmup_steps, loop_state(runner), keep_last=1)
+    losses = supervised_warmup(trainer.context, plan.warmup_steps)
+    accuracy = evaluate(trainer.context, plan.eval_prompts) if plan.eval_prompts else None
+    path = save_checkpoint(trainer.context.engine, root, plan.warmup_steps, checkpoint_state(trainer), keep_last=1)
     info = {"model": model, "seed": seed, "task": plan.task, "steps": plan.warmup_steps,
             "sft_loss_last": losses[-1] if losses else None, "eval_accuracy": accuracy,
             "seconds": time.perf_counter() - started, "checkpoint": str(path)}
@@ -52,7 +49,9 @@ def run_cell(plan: Plan, config_path: str, model: str, seed: int, variant: str, 
     from vespo_megatron.checkpoint import latest_checkpoint, load_checkpoint
     from vespo_megatron.config import config_to_dict
     from vespo_megatron.metrics import MetricsLogger
-    from vespo_megatron.rl.loop import build_runner, evaluate, run_step
+    from vespo_megatron.rl.evaluation import evaluate
+    from vespo_megatron.rl.loop import build_trainer
+    from vespo_megatron.rl.step import run_step
     from vespo_megatron.run_config import load_run_config
 
     run_dir = plan.cell_dir(model, seed, variant, n, lr)
@@ -62,20 +61,21 @@ def run_cell(plan: Plan, config_path: str, model: str, seed: int, variant: str, 
     config = load_run_config(config_path, cell_overrides(plan, model, seed, variant, n, lr))
     # Built at the warm start's lr so its Adam state loads (Megatron matches parameter groups by lr), then
     # the schedule restarts at the cell's lr.
-    runner = build_runner(dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, lr=WARMUP_LR)))
-    load_checkpoint(runner.engine, latest_checkpoint(plan.unit_dir(model, seed) / "warm_start"))
-    runner.engine.restart_schedule(lr)
-    runner.step = 0
+    trainer = build_trainer(dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, lr=WARMUP_LR)))
+    context, state = trainer.context, trainer.state
+    load_checkpoint(context.engine, latest_checkpoint(plan.unit_dir(model, seed) / "warm_start"))
+    context.engine.restart_schedule(lr)
+    state.step = 0
     started = time.perf_counter()
     per_update = []
     with MetricsLogger(run_dir, enabled=True, tensorboard=False, config_dict=config_to_dict(config)) as logger:
-        while runner.step < plan.rollouts(n):
-            metrics = run_step(runner)
-            runner.step += 1
+        while state.step < plan.rollouts(n):
+            metrics = run_step(context, state)
+            state.step += 1
             if metrics is not None:
-                logger.log(runner.step, metrics)
+                logger.log(state.step, metrics)
                 per_update += [metrics] * n  # each of the rollout's N updates trained on this rollout
-        accuracy = evaluate(runner, plan.eval_prompts) if plan.eval_prompts else None
+        accuracy = evaluate(context, plan.eval_prompts) if plan.eval_prompts else None
     summary = summarise(per_update, plan.updates)
     summary.update(model=model, seed=seed, variant=variant, N=n, lr=lr, task=plan.task, eval_accuracy=accuracy,
                    aggregation=config.loss.aggregation_mode,

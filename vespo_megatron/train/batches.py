@@ -4,16 +4,16 @@ A micro-batch is a dict of ``[b, s]`` tensors: ``tokens`` (model input), ``label
 each position), ``loss_mask`` (1.0 where the label is trained on), ``position_ids``; RL batches add
 per-token and per-sequence fields (see :mod:`vespo_megatron.rl.batch`). Every rank of a pipeline builds
 the same micro-batches; with context parallelism each rank keeps its two load-balanced chunks of the
-sequence dimension (chunks r and 2*cp-1-r), the layout Megatron's attention expects.
+sequence dimension (chunks r and 2*cp-1-r, :func:`~vespo_megatron.runtime.collectives.context_parallel_chunks`),
+the layout Megatron's attention expects.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vespo_megatron.runtime.collectives import SEQUENCE_DIM, context_parallel_chunks
 from vespo_megatron.runtime.distributed import ParallelContext
-
-SEQUENCE_DIM = 1
 
 
 def causal_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor) -> dict:
@@ -33,17 +33,6 @@ def causal_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor) -> dict:
         "loss_mask": loss_mask[:, 1:].float().contiguous(),
         "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous(),
     }
-
-
-def context_parallel_chunks(tensor: torch.Tensor, cp: int, cp_rank: int, dim: int = SEQUENCE_DIM) -> torch.Tensor:
-    """Chunks ``cp_rank`` and ``2*cp-1-cp_rank`` of ``2*cp`` equal chunks along ``dim``, concatenated."""
-    if cp == 1:
-        return tensor
-    length = tensor.shape[dim]
-    if length % (2 * cp):
-        raise ValueError(f"sequence length {length} is not divisible by 2*cp={2 * cp}")
-    chunks = tensor.chunk(2 * cp, dim=dim)
-    return torch.cat([chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]], dim=dim).contiguous()
 
 
 def shard_micro_batch(batch: dict, ctx: ParallelContext) -> dict:

@@ -20,7 +20,8 @@ import torch
 
 from vespo_megatron.config import Config
 from vespo_megatron.models.gpt import BuiltModel, build_model, count_parameters
-from vespo_megatron.runtime.distributed import ParallelContext, collective_device
+from vespo_megatron.runtime.collectives import from_last_stage, object_from_last_stage, sum_over
+from vespo_megatron.runtime.distributed import ParallelContext
 from vespo_megatron.train.megatron_loss import LossHead, make_forward_step
 
 
@@ -267,17 +268,13 @@ class Engine:
         by its local tokens times the TP x CP size, i.e. the micro-batch's routed tokens, on every layout
         (tests/dist/test_moe_aux_loss.py checks the gradient against float64 on 1 process, TP2+SP, CP2, EP2).
         """
-        import torch.distributed as dist
-
         model = self.config.model
         if not model.is_moe:
             return
         if model.moe_aux_loss_coeff == 0:
             self.built.tconfig.moe_aux_loss_coeff = 0.0
             return
-        loss_tokens = torch.tensor([sum(float(b["loss_mask"].sum()) for b in micro_batches)], dtype=torch.float64)
-        if self.ctx.dp * self.ctx.cp > 1:
-            dist.all_reduce(loss_tokens, group=self.ctx.dp_cp_group)
+        (loss_tokens,) = sum_over([sum(float(b["loss_mask"].sum()) for b in micro_batches)], self.ctx.dp_cp_group)
         tokens = micro_batches[0]["tokens"]
         routed = len(micro_batches) * self.ctx.dp * tokens.shape[0] * tokens.shape[1] * self.ctx.cp
         self.built.tconfig.moe_aux_loss_coeff = model.moe_aux_loss_coeff * max(float(loss_tokens), 1.0) / routed
@@ -305,31 +302,16 @@ class Engine:
         the last pipeline stage; they are broadcast to the whole pipeline so every
         rank returns the same metrics.
         """
-        import torch.distributed as dist
-
         names = sorted(k for k in reported[0] if not k.startswith(("seq/", "tok/"))) if reported else []
-        device = collective_device(self.ctx.dp_cp_group)
-        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=device)
+        names = object_from_last_stage(names, self.ctx.pp_group)
+        totals = torch.zeros(len(names), 2, dtype=torch.float64)
         for item in reported:
             for row, name in enumerate(names):
-                pair = item[name].to(device=device, dtype=torch.float64)
+                pair = item[name].detach().to(device="cpu", dtype=torch.float64)
                 totals[row] += pair if pair.numel() == 2 else torch.stack(
-                    [pair.sum(), torch.ones((), dtype=torch.float64, device=device)])
-        if self.ctx.pp > 1:
-            pp_device = collective_device(self.ctx.pp_group)
-            count = torch.tensor([len(names)], dtype=torch.int64, device=pp_device)
-            last = dist.get_global_rank(self.ctx.pp_group, self.ctx.pp - 1)
-            dist.broadcast(count, src=last, group=self.ctx.pp_group)
-            if not self.ctx.is_last_stage:
-                totals = torch.zeros(int(count.item()), 2, dtype=torch.float64, device=pp_device)
-            names_holder = [names]
-            dist.broadcast_object_list(names_holder, src=last, group=self.ctx.pp_group)
-            names = names_holder[0]
-            totals = totals.to(pp_device)
-            dist.broadcast(totals, src=last, group=self.ctx.pp_group)
-            totals = totals.to(device)
-        dist.all_reduce(totals, group=self.ctx.dp_cp_group)
-        totals = totals.cpu()
+                    [pair.sum(), torch.ones((), dtype=torch.float64)])
+        totals = from_last_stage(totals, self.ctx.pp_group)
+        totals = torch.tensor(sum_over(totals.flatten().tolist(), self.ctx.dp_cp_group)).view(-1, 2)
         return {name: float(totals[row, 0] / max(totals[row, 1], 1e-12)) for row, name in enumerate(names)}
 
 

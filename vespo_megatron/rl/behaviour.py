@@ -1,0 +1,110 @@
+"""A sampled batch becomes trainable: group advantages, then the behaviour log-probs mu per ``loss.behaviour``.
+
+``recompute``: a forward pass of the trainer's current weights (the sampling weights when the rollout is
+fresh). ``sampler``: the sampler's own per-token log-probs, no forward pass (one, for the mismatch metrics,
+when ``rl.mismatch_metrics`` is on). The frozen KL reference's log-probs are computed here too.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+
+from vespo_megatron.config import Config
+from vespo_megatron.models.routing import routing_recorder
+from vespo_megatron.rl.advantages import group_advantages, informative_groups
+from vespo_megatron.rl.batch import Rollout, micro_batches
+from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head
+from vespo_megatron.runtime.collectives import from_last_stage, gather_context_parallel
+from vespo_megatron.train.engine import Engine
+
+
+def finish_rollout(config: Config, engine: Engine, sequences: torch.Tensor, prompt_lengths: torch.Tensor,
+                   response_lengths: torch.Tensor, sampler_logprobs: torch.Tensor, rewards: torch.Tensor, version: int,
+                   routing_indices: Optional[torch.Tensor] = None, step_index: int = 0,
+                   token_versions: Optional[torch.Tensor] = None) -> Rollout:
+    """Advantages and behaviour log-probs of sampled (or received) sequences: a trainable :class:`Rollout`."""
+    group = config.rollout.group_size
+    grouped = rewards.view(-1, group)
+    advantages = group_advantages(grouped, config.rl.std_normalize_advantages).reshape(-1)
+    trained_lengths = response_lengths.clone()
+    if config.rl.filter_uniform_groups:
+        keep = informative_groups(grouped).repeat_interleave(group)
+        trained_lengths = torch.where(keep, response_lengths, torch.zeros_like(response_lengths))
+    rollout = Rollout(
+        sequences=sequences, prompt_lengths=prompt_lengths, response_lengths=trained_lengths,
+        sampler_logprobs=sampler_logprobs, rewards=rewards, advantages=advantages,
+        generated_lengths=response_lengths, behaviour_version=version, routing_indices=routing_indices,
+        step_index=step_index, token_versions=token_versions,
+    )
+    compute_old_logprobs(config, engine, rollout)
+    return rollout
+
+
+def compute_old_logprobs(config: Config, engine: Engine, rollout: Rollout) -> None:
+    """Behaviour log-probs (log mu) per ``loss.behaviour``, on every pipeline stage."""
+    ctx = engine.ctx
+    micro = micro_batches(rollout, torch.arange(rollout.size), config.train.micro_batch_size, ctx)
+    token_level = config.loss.name != "vespo"
+    if config.loss.behaviour == "sampler":
+        use_sampler_logprobs(rollout, token_level=token_level)
+        if config.rl.mismatch_metrics:
+            rollout.trainer_logprob_sums = logprob_sums(config, engine, micro, engine.chunks)
+        if engine.reference_chunks is not None:
+            rollout.ref_logprob_sums = logprob_sums(config, engine, micro, engine.reference_chunks)
+        return
+    head = (old_token_logprobs_head if token_level else old_logprob_sums_head)(
+        ctx, config.rollout.temperature, config.loss.chunk_size)
+    # MoE routing replay: the sampler's experts when it recorded them (replayed here too, counting the
+    # tokens whose own choice differs), else the experts of this behaviour pass.
+    recorder = routing_recorder(engine) if config.rollout.routing_replay else None
+    from_sampler = recorder is not None and rollout.routing_indices is not None
+    if from_sampler:
+        with recorder.replaying([batch["routing_indices"] for batch in micro]), recorder.measuring_mismatch():
+            reports = engine.forward_only(micro, head, emit_hidden_states=True)
+    else:
+        with recorder.recording() if recorder is not None else nullcontext():
+            reports = engine.forward_only(micro, head, emit_hidden_states=True)
+        if recorder is not None:
+            rollout.routing_indices = recorder.recorded_indices(micro)
+    if recorder is not None:  # collective on every rank: None when no rank replayed a sampler record
+        mismatch = recorder.mismatch_fraction()
+        rollout.routing_mismatch_frac = None if mismatch is None else torch.tensor(mismatch)
+    local_length = config.seq_length // ctx.cp
+    if token_level:
+        local = torch.zeros(rollout.size, local_length)
+        if reports:
+            local = torch.cat([r["tok/logprobs"].view(-1, local_length) for r in reports]).cpu()
+        values = gather_context_parallel(local, ctx.cp_group)
+    else:
+        values = torch.zeros(rollout.size)
+        if reports:
+            values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu()
+    values = from_last_stage(values, ctx.pp_group)
+    if token_level:
+        rollout.old_token_logprobs = values
+        rollout.old_logprob_sums = (values * rollout.response_token_mask()[:, 1:]).sum(dim=1)
+    else:
+        rollout.old_logprob_sums = values
+    rollout.trainer_logprob_sums = rollout.old_logprob_sums
+    if engine.reference_chunks is not None:
+        rollout.ref_logprob_sums = logprob_sums(config, engine, micro, engine.reference_chunks)
+
+
+def use_sampler_logprobs(rollout: Rollout, token_level: bool) -> None:
+    """Take the sampler's per-token log-probs as the behaviour policy (``loss.behaviour=sampler``)."""
+    mask = rollout.response_token_mask()
+    rollout.old_logprob_sums = (rollout.sampler_logprobs * mask).sum(dim=1)
+    if token_level:
+        rollout.old_token_logprobs = (rollout.sampler_logprobs * mask)[:, 1:].contiguous()
+
+
+def logprob_sums(config: Config, engine: Engine, micro: list[dict], chunks: list) -> torch.Tensor:
+    """Per-sequence log-prob sums under ``chunks`` (the trainer's, or the frozen KL reference), on every stage."""
+    head = old_logprob_sums_head(engine.ctx, config.rollout.temperature, config.loss.chunk_size)
+    reports = engine.forward_only(micro, head, emit_hidden_states=True, chunks=chunks)
+    values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu() if reports else torch.zeros(
+        sum(b["tokens"].shape[0] for b in micro))
+    return from_last_stage(values, engine.ctx.pp_group)
