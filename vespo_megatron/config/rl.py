@@ -10,7 +10,7 @@ from typing import Literal, Optional
 from vespo_megatron.config.errors import require
 from vespo_megatron.config.parallel import RolloutParallelConfig
 from vespo_megatron.loss.kernel import CorrectionParams
-from vespo_megatron.loss.policy import CispoParams, GrpoParams, GspoParams, SapoParams, VespoParams
+from vespo_megatron.loss.params import CispoParams, GrpoParams, GspoParams, SapoParams, VespoParams
 
 
 @dataclass(kw_only=True)
