@@ -101,6 +101,36 @@ def test_feature_our_builder_lacks_is_named(tmp_path):
         load_run_config(None, [f"model.hf_path={folder}"])
 
 
+def _llama_config_folder(folder, **scaling):
+    import transformers
+
+    from tests.hf_fixtures import hf_config
+
+    config = hf_config("llama", max_position_embeddings=16384, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, **scaling})
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    assert isinstance(config, transformers.LlamaConfig)
+    return folder
+
+
+def test_llama3_rope_scaling_is_derived_and_other_llama3_values_are_refused(tmp_path):
+    folder = _llama_config_folder(tmp_path / "llama32")
+    assert load_run_config(None, [f"model.hf_path={folder}"]).model.rope_scaling_factor == 32.0
+    odd = _llama_config_folder(tmp_path / "odd", high_freq_factor=2.0)
+    with pytest.raises(ConfigError, match=r"rope_scaling high_freq_factor=2.0 is not Megatron-Core's llama3 value 4.0"):
+        load_run_config(None, [f"model.hf_path={odd}"])
+    plain = build_hf_model(tmp_path / "plain", "llama")
+    assert load_run_config(None, [f"model.hf_path={plain}"]).model.rope_scaling_factor is None
+
+
+def test_rope_scaling_factor_is_validated():
+    with pytest.raises(ConfigError, match=r"model.rope_scaling_factor=0.5 needs model.position_embedding=rope and a "
+                                          r"factor >= 1"):
+        load_config(None, ["model.rope_scaling_factor=0.5"])
+
+
 def test_export_every_needs_hf_path():
     with pytest.raises(ConfigError, match="checkpoint.export_hf_every=2 needs model.hf_path"):
         from vespo_megatron.config import validate

@@ -45,6 +45,10 @@ class ModelConfig:
     """Rotary or learned absolute positions."""
     rotary_base: int = 10000
     """RoPE base frequency."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama 3.1/3.2/3.3 ('llama3') RoPE scaling: the factor (8 for Llama 3.1, 32 for Llama 3.2) by which
+    Megatron-Core divides the low-frequency bands, with its fixed low/high frequency factors 1 and 4 and original
+    context 8192 (the Llama values); null: none. Derived from model.hf_path for imported models."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
     add_bias_linear: bool = False
@@ -75,6 +79,10 @@ class ModelConfig:
     """Grouped GEMM experts (needs bf16)."""
 
     def __post_init__(self) -> None:
+        require(self.rope_scaling_factor is None or (self.rope_scaling_factor >= 1
+                                                     and self.position_embedding == "rope"),
+                f"model.rope_scaling_factor={self.rope_scaling_factor} needs model.position_embedding=rope and a "
+                "factor >= 1 (null: no scaling)")
         for name in (
             "num_layers", "hidden_size", "num_attention_heads", "max_seq_length", "make_vocab_size_divisible_by"
         ):

@@ -97,6 +97,11 @@ class RolloutConfig:
     engine: Literal["kv", "recompute"] = "kv"
     """Decoder: 'kv' prefills once and decodes one token per step over a KV cache (falls back to
     'recompute' when parallel.cp > 1); 'recompute' re-runs the padded batch every step (the reference)."""
+    max_batch_sequences: Optional[int] = None
+    """Rollout micro-batching: each rank decodes its prompts of a step in batches of at most this many sequences
+    (the KV cache is allocated per batch); null decodes them as one batch. Samples and log-probs are the same
+    either way (each sequence keeps its column of the step's uniforms table). `check-config` proposes the
+    largest value whose KV cache fits."""
     kv_step: Literal["lean", "megatron"] = "lean"
     """KV engine's one-token steps: 'lean' runs dense single-stage local-spec models as plain tensor
     operations on the same parameters and cache (several times less Python per step; MoE, pipeline stages
@@ -118,6 +123,8 @@ class RolloutConfig:
         require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
         require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
         require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 disables it)")
+        require(self.max_batch_sequences is None or self.max_batch_sequences >= 1,
+                f"rollout.max_batch_sequences={self.max_batch_sequences} must be >= 1 (null decodes one batch)")
         require(
             self.source != "jsonl" or bool(self.jsonl_path),
             "rollout.source=jsonl needs rollout.jsonl_path=<file of external rollouts>",

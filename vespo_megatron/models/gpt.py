@@ -83,14 +83,8 @@ def transformer_config(config: Config, vocab_size: int):
         bf16=bf16,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
-        # Fusions that need CUDA kernels (or Apex/TE) are enabled on GPU only.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
         batch_p2p_comm=_batch_p2p_comm(config),
+        **fusion_settings(config, on_gpu),
     )
     if model.is_moe:
         kwargs.update(
@@ -105,6 +99,39 @@ def transformer_config(config: Config, vocab_size: int):
             moe_permute_fusion=False,
         )
     return TransformerConfig(**kwargs)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def fusion_settings(config: Config, on_gpu: bool) -> dict:
+    """The kernel fusions of the TransformerConfig: off on CPU; on CUDA, Megatron's training defaults
+    (``pretrain_gpt``'s arguments turn on bias-activation, bias-dropout, masked-softmax, RoPE and
+    gradient-accumulation fusion and the persistent layer norm; megatron-core's TransformerConfig defaults them
+    off), each where its kernel is there: RoPE fusion needs the Transformer Engine spec (the local spec's KV-cache
+    attention rotates keys itself), gradient-accumulation fusion that spec or apex's
+    ``fused_weight_gradient_mlp_cuda``, the persistent layer norm NVIDIA apex's contrib kernel, and
+    bias-activation fusion with plain GELU a bias (Megatron's own condition). These are also the ones
+    Megatron-Bridge's Llama provider turns on."""
+    if not on_gpu:
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                    apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+    model = config.model
+    te = use_transformer_engine(config)  # the TE layer spec: its linears fuse the gradient accumulation
+    return dict(
+        bias_activation_fusion=model.swiglu or model.add_bias_linear,
+        bias_dropout_fusion=True,
+        masked_softmax_fusion=True,
+        apply_rope_fusion=te and model.position_embedding == "rope",
+        gradient_accumulation_fusion=te or _importable("fused_weight_gradient_mlp_cuda"),
+        persist_layer_norm=_importable("apex.contrib.layer_norm"),  # NVIDIA apex's persistent kernel
+    )
 
 
 def _batch_p2p_comm(config: Config) -> bool:
@@ -218,6 +245,8 @@ def build_model(config: Config, vocab_size: int) -> BuiltModel:
             share_embeddings_and_output_weights=config.model.tie_embeddings,
             position_embedding_type=config.model.position_embedding,
             rotary_base=config.model.rotary_base,
+            rope_scaling=config.model.rope_scaling_factor is not None,
+            rope_scaling_factor=config.model.rope_scaling_factor or 8.0,
             vp_stage=stage,
         )
         if torch.cuda.is_available():

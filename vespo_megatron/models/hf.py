@@ -58,7 +58,7 @@ _DERIVED_MOE_FIELDS = {
 }  # fmt: skip
 # Provider settings our builder does not express: the value it always builds with.
 _BUILDER_FIXED = {
-    "add_qkv_bias": False, "rope_scaling": False, "rotary_percent": 1.0, "rotary_interleaved": False,
+    "add_qkv_bias": False, "rotary_percent": 1.0, "rotary_interleaved": False,
     "window_size": None, "seq_len_interpolation_factor": None, "layernorm_zero_centered_gamma": False,
     "apply_residual_connection_post_layernorm": False, "multi_latent_attention": False,
     "mtp_num_layers": None, "moe_router_pre_softmax": False, "moe_router_score_function": "softmax",
@@ -158,6 +158,26 @@ def _same(ours, theirs) -> bool:
     return ours == theirs
 
 
+# Megatron-Core's llama3 RoPE scaling (RotaryEmbedding._apply_scaling) fixes these three; the factor is free.
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_rope_factor(provider, hf_path, where: str):
+    """``model.rope_scaling_factor`` of an HF model: the llama3 factor, None without scaling; refuses the llama3
+    variants Megatron-Core cannot express."""
+    if not getattr(provider, "rope_scaling", False):
+        return None
+    import json
+
+    hf_config = json.loads((Path(hf_path) / "config.json").read_text())
+    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}  # transformers 4 / 5
+    for key, value in _LLAMA3_FIXED.items():
+        if float(scaling.get(key, value)) != value:
+            raise ConfigError(f"{where}: rope_scaling {key}={scaling[key]} is not Megatron-Core's llama3 value "
+                              f"{value}; only the factor may differ (Llama 3.1/3.2/3.3 use these values)")
+    return float(provider.rope_scaling_factor)
+
+
 def derived_model_fields(hf_path) -> dict:
     """``model`` fields implied by the HF config (via the bridge's provider); raises on features we lack."""
     import torch.nn.functional as F
@@ -176,6 +196,7 @@ def derived_model_fields(hf_path) -> dict:
     fields = {ours: getattr(provider, theirs) for ours, theirs in _DERIVED_FIELDS.items()}
     if fields["num_experts"] is not None:
         fields.update({ours: getattr(provider, theirs) for ours, theirs in _DERIVED_MOE_FIELDS.items()})
+    fields["rope_scaling_factor"] = _llama3_rope_factor(provider, hf_path, where)
     rotary = float(fields["rotary_base"])
     if rotary != int(rotary):
         raise ConfigError(f"{where}: rope theta {rotary} is not an integer; model.rotary_base is an integer")

@@ -65,6 +65,19 @@ class Generated:
     """Partial rollouts: [n, seq_length + 1] policy version each sampled token was drawn with (-1 elsewhere)."""
 
 
+def concat_generated(parts: list[Generated]) -> Generated:
+    """One :class:`Generated` of the rows of ``parts`` in order (the batches of one step's rollout)."""
+    def cat(name):
+        values = [getattr(part, name) for part in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return Generated(
+        sequences=cat("sequences"), prompt_lengths=cat("prompt_lengths"), response_lengths=cat("response_lengths"),
+        sampler_logprobs=cat("sampler_logprobs"), routing_indices=cat("routing_indices"),
+        kv_cache_bytes=max(part.kv_cache_bytes for part in parts), token_versions=cat("token_versions"),
+    )
+
+
 def check_prompts(prompts: list[list[int]], max_new_tokens: int, seq_length: int) -> torch.Tensor:
     """Prompt lengths ``[n]``, after checking every prompt fits the context with its response budget."""
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -143,6 +156,26 @@ def lockstep_group(engine):
     if engine.config.model.is_moe and ctx.dp > 1 and (ctx.ep > 1 or ctx.etp > 1):
         return ctx.dp_group
     return None
+
+
+LOGIT_CHUNK_ROWS = 8192
+"""Vocabulary rows of the output layer converted to fp32 at a time by :func:`shard_logits`."""
+
+
+def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int = LOGIT_CHUNK_ROWS) -> torch.Tensor:
+    """fp32 logits ``[b, V / tp]`` of ``hidden`` ``[b, h]`` on this rank's output-layer shard ``weight`` ``[V / tp, h]``.
+
+    The products are fp32 as before, but a bf16 weight is converted ``chunk_rows`` vocabulary rows at a time
+    (``chunk_rows x h`` fp32 of temporary memory instead of a copy of the whole shard); an fp32 weight is used
+    as it is.
+    """
+    hidden = hidden.float()
+    if weight.dtype == torch.float32:
+        return hidden @ weight.t()
+    out = torch.empty(hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device)
+    for lo in range(0, weight.shape[0], chunk_rows):
+        out[:, lo:lo + chunk_rows] = hidden @ weight[lo:lo + chunk_rows].float().t()
+    return out
 
 
 def gather_vocab(shard: torch.Tensor, ctx) -> torch.Tensor:

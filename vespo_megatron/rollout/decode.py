@@ -33,7 +33,8 @@ training mode, sequence-parallel flags and the hidden-state switch are restored 
 Decode steps. After the prefill, dense single-stage models run each one-token step through
 :class:`vespo_megatron.rollout.decode_step.LeanDecodeStep` (the same parameters and cache, without
 Megatron's per-module overhead); ``rollout.kv_step: megatron`` or an unsupported model runs the full model
-every step instead.
+every step instead. The path taken and why is printed once per process
+(:func:`vespo_megatron.rollout.decode_step.announce_decode_path`).
 
 MoE routing (R3). With ``record_routing`` every router's expert choice of every fed token is kept and
 returned in the layout the trainer replays (:mod:`vespo_megatron.models.routing`).
@@ -60,7 +61,7 @@ from vespo_megatron.rollout.common import (
     stop_id_set,
     uniforms_table,
 )
-from vespo_megatron.rollout.decode_step import LeanDecodeStep, lean_step_blocker
+from vespo_megatron.rollout.decode_step import LeanDecodeStep, announce_decode_path
 from vespo_megatron.rollout.forward import PipelineForward, inference_mode, keep_alive, last_token_logits
 
 
@@ -171,7 +172,7 @@ def decode(
     context = StaticInferenceContext(max_batch_size=max(n, 1), max_sequence_length=max(cached, 1))
     forward = PipelineForward(engine)
     lean = None
-    if settings.kv_step == "lean" and lean_step_blocker(engine) is None:
+    if announce_decode_path(engine, settings.kv_step)[0] == "lean":
         lean = LeanDecodeStep(engine, context)
     lockstep = lockstep_group(engine)
     fed = 0

@@ -5,7 +5,8 @@
   layers keep their flags when both TP and EP exceed one, as Megatron does) and restores all of it after.
 - :class:`PipelineForward` runs one forward of this rank's chunks over a token block on a
   ``StaticInferenceContext``, receiving the previous stage's activations and sending its own by p2p.
-- :func:`last_token_logits` projects the last position onto the vocabulary (gathered over TP).
+- :func:`last_token_logits` projects the last position onto the vocabulary (gathered over TP), converting a
+  bf16 output layer to fp32 in vocabulary chunks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
 from vespo_megatron.models.gpt import model_device, unwrap
-from vespo_megatron.rollout.common import gather_vocab
+from vespo_megatron.rollout.common import gather_vocab, shard_logits
 
 SP_ATTRIBUTES = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
@@ -118,9 +119,10 @@ class PipelineForward:
 
 
 def last_token_logits(hidden: torch.Tensor, engine) -> torch.Tensor:
-    """Full-vocabulary logits ``[b, V]`` of the last position of ``hidden`` [s, b, h] (gathered over TP)."""
+    """Full-vocabulary fp32 logits ``[b, V]`` of the last position of ``hidden`` [s, b, h] (gathered over TP),
+    without an fp32 copy of the whole output-layer shard (:func:`~vespo_megatron.rollout.common.shard_logits`)."""
     weight = unwrap(engine.chunks[-1]).output_weight()
-    return gather_vocab(hidden[-1].float() @ weight.float().t(), engine.ctx)
+    return gather_vocab(shard_logits(hidden[-1], weight), engine.ctx)
 
 
 def keep_alive(forward: PipelineForward, pad_id: int) -> None:

@@ -25,6 +25,7 @@ from vespo_megatron.rollout.common import (
     lockstep_group,
     padded_prompts,
     sample_and_share,
+    shard_logits,
     uniforms_table,
 )
 from vespo_megatron.runtime.collectives import context_parallel_chunks, sum_tensor_over
@@ -46,7 +47,7 @@ def _last_position_logits(hidden_full, weight, positions, ctx) -> torch.Tensor:
             picked[row] = hidden_full[int(where[0, 0]), row].float()
     if ctx.cp > 1:
         sum_tensor_over(picked, ctx.cp_group)
-    return gather_vocab(picked @ weight.float().t(), ctx)
+    return gather_vocab(shard_logits(picked, weight), ctx)
 
 
 def _logits_head(ctx):
