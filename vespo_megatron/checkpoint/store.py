@@ -27,6 +27,7 @@ import torch.distributed as dist
 from vespo_megatron.checkpoint.optimizer_fixes import allocate_adam_state, torch_adam_load_fixes
 from vespo_megatron.checkpoint.rng import rng_state, set_rng_state
 from vespo_megatron.checkpoint.safe_load import check_dcp_metadata, load_weights_only
+from vespo_megatron.models.gpt import unwrap
 from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.runtime.files import fsync_dir, write_atomic
 
@@ -195,8 +196,6 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
     loaded = dist_checkpointing.load(request, str(path / DIST_DIR))
     _merge_local_objects(loaded, local_objects)
 
-    from vespo_megatron.models.gpt import unwrap
-
     for index, chunk in enumerate(engine.chunks):
         unwrap(chunk).load_state_dict(loaded[f"model{index}"])
     if engine.reference_chunks is not None:
@@ -271,8 +270,6 @@ def _optimizer_has_state(optimizer) -> bool:
 
 
 def _sharded_state(engine, is_loading: bool, with_optimizer: bool = True, with_reference: bool = True) -> dict:
-    from vespo_megatron.models.gpt import unwrap
-
     state = {f"model{index}": unwrap(chunk).sharded_state_dict() for index, chunk in enumerate(engine.chunks)}
     if with_optimizer:
         model_state = dict(state)

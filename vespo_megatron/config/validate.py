@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from vespo_megatron.config.errors import divisors, require
 from vespo_megatron.config.model import ModelConfig
 from vespo_megatron.config.parallel import ParallelConfig
+from vespo_megatron.config.rl import worst_staleness
 from vespo_megatron.config.run import Config
 
 
@@ -26,10 +29,6 @@ def validate(config: Config, world_size: int) -> None:
 
 def _validate_disaggregated(config: Config, world_size: int) -> None:
     """Disaggregated mode: the rank split, the rollout layout and the staleness schedule."""
-    import math
-
-    from vespo_megatron.config.rl import worst_staleness
-
     par, rl, rollout_tp = config.parallel, config.rl, config.rollout.parallel.tp
     if config.rl.max_staleness is not None and not par.rollout_ranks:
         lag = rl.async_lag * rl.num_minibatches

@@ -14,7 +14,10 @@ Per-sequence diagnostics are reported as ``seq/*`` vectors for the loop's step m
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.distributed as dist
 
 from vespo_megatron.loss import kernel
 from vespo_megatron.loss.aggregate import aggregate_sequence_loss
@@ -85,8 +88,6 @@ class NonFiniteLogprobsError(ValueError):
 
 
 def _where(batch: dict, rows: torch.Tensor, label: str) -> str:
-    import torch.distributed as dist
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     ids = batch["rows"][rows].tolist() if "rows" in batch else rows.tolist()
     return f"{label or 'RL update'}, rank {rank}, rollout rows {ids[:8]}"
@@ -192,8 +193,6 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
 def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
                     global_micro_batches: int = 1, label: str = ""):
     """A token-level baseline from the registry on per-token log-probs (normalisers as in :func:`vespo_head`)."""
-    import dataclasses
-
     loss_cfg, params = config.loss, config.loss.params()
     policy = get_policy_loss(loss_cfg.name)
     temperature = config.rollout.temperature
