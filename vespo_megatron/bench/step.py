@@ -45,7 +45,8 @@ from typing import Optional
 import torch
 
 from vespo_megatron.bench.lengths import SYNTAX, draw_lengths
-from vespo_megatron.config import ConfigError, load_config, validate
+from vespo_megatron.config import ConfigError, validate
+from vespo_megatron.run_config import load_run_config
 from vespo_megatron.runtime.local_workers import WorkerError, run_local_workers
 
 MIB = 1024**2
@@ -165,7 +166,7 @@ def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
-    config = load_config(config_path, overrides + _loss_overrides(loss))
+    config = load_run_config(config_path, overrides + _loss_overrides(loss))
     ctx = initialize(config)
     probe = MemoryProbe()
     probe.start()
@@ -256,7 +257,7 @@ def run_layout(args, name: str, loss: str, mode: Optional[str] = None, lengths: 
     row = dict(layout=name, loss=loss, world=world, overrides=layout_overrides)
     if mode:
         row["mode"] = mode
-    config = load_config(args.config, overrides + _loss_overrides(loss))
+    config = load_run_config(args.config, overrides + _loss_overrides(loss))
     try:
         validate(config, world)
     except ConfigError as error:
@@ -292,7 +293,7 @@ def mode_overrides(args, mode: str, lengths: torch.Tensor) -> list[str]:
     common = [f"model.max_seq_length={longest}", f"train.seq_length={longest}", "rl.num_minibatches=1"]
     if mode == "padded":
         return common
-    budget = args.max_tokens or load_config(args.config, list(args.overrides)).train.micro_batch_size * longest
+    budget = args.max_tokens or load_run_config(args.config, list(args.overrides)).train.micro_batch_size * longest
     return common + [f"train.max_tokens_per_microbatch={budget}", f"train.pack_sequences={str(mode == 'packed').lower()}"]
 
 
@@ -399,7 +400,7 @@ def _import_before_fork() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _import_before_fork()
-    base = load_config(args.config, RESET + list(args.overrides))
+    base = load_run_config(args.config, RESET + list(args.overrides))
     if args.layouts is None:
         args.layouts = MOE_DEFAULT if base.model.is_moe else DENSE_DEFAULT
     if args.lengths is not None:

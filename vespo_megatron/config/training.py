@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from vespo_megatron.config.errors import _require
+from vespo_megatron.config.errors import require
 
 
 @dataclass(kw_only=True)
@@ -40,10 +40,10 @@ class OptimizerConfig:
     """Overlap the distributed optimizer's parameter all-gather with forward (needs the distributed optimizer)."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")
-        _require(0 <= self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
-        _require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
-        _require(
+        require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")
+        require(0 <= self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+        require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
+        require(
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "optimizer.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true",
         )
@@ -76,13 +76,13 @@ class TrainConfig:
     """Base seed of weights, data and sampling."""
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
-        _require(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
-        _require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be >= 1")
+        require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        require(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
+        require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be >= 1")
         budget = self.max_tokens_per_microbatch
-        _require(budget is None or budget >= 1,
+        require(budget is None or budget >= 1,
                  f"train.max_tokens_per_microbatch={budget} must be >= 1 (or null for micro_batch_size sequences)")
-        _require(not self.pack_sequences or budget is not None,
+        require(not self.pack_sequences or budget is not None,
                  "train.pack_sequences=true needs train.max_tokens_per_microbatch (the token budget of a packed row)")
 
 
@@ -119,6 +119,6 @@ class CheckpointConfig:
     model.hf_path and dir. 0 disables it. `vespo-megatron export-hf` does the same from a saved checkpoint."""
 
     def __post_init__(self) -> None:
-        _require(self.save_every >= 0, f"checkpoint.save_every={self.save_every} must be >= 0")
-        _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
-        _require(self.export_hf_every >= 0, f"checkpoint.export_hf_every={self.export_hf_every} must be >= 0")
+        require(self.save_every >= 0, f"checkpoint.save_every={self.save_every} must be >= 0")
+        require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        require(self.export_hf_every >= 0, f"checkpoint.export_hf_every={self.export_hf_every} must be >= 0")

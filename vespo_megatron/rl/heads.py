@@ -15,7 +15,10 @@ Per-sequence diagnostics are reported as ``seq/*`` vectors for the loop's step m
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.distributed as dist
 
 from vespo_megatron.loss import kernel
 from vespo_megatron.loss.aggregate import aggregate_sequence_loss
@@ -26,9 +29,8 @@ from vespo_megatron.loss.policy import (
     vespo_sequence_loss,
 )
 from vespo_megatron.loss.sequence import sequence_logprob_sums
-from vespo_megatron.models.gpt import unwrap
+from vespo_megatron.models.gpt import full_hidden, unwrap
 from vespo_megatron.rl.batch import row_layout, segment_ids
-from vespo_megatron.rollout.generate import full_hidden
 from vespo_megatron.train.megatron_loss import rescale_for_global_normaliser
 
 
@@ -88,8 +90,6 @@ class NonFiniteLogprobsError(ValueError):
 
 
 def _where(batch: dict, rows: torch.Tensor, label: str) -> str:
-    import torch.distributed as dist
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     ids = batch["rows"][rows].tolist() if "rows" in batch else rows.tolist()
     return f"{label or 'RL update'}, rank {rank}, rollout rows {ids[:8]}"
@@ -195,8 +195,6 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
 def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
                     global_micro_batches: int = 1, label: str = ""):
     """A token-level baseline from the registry on per-token log-probs (normalisers as in :func:`vespo_head`)."""
-    import dataclasses
-
     loss_cfg, params = config.loss, config.loss.params()
     policy = get_policy_loss(loss_cfg.name)
     temperature = config.rollout.temperature

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from vespo_megatron.models.gpt import unwrap
+from vespo_megatron.models.gpt import model_device, unwrap
 from vespo_megatron.train.batches import batch_to_device, packed_seq_params
 
 # loss_head(output, batch, model_chunk) -> (loss_sum, num_tokens, reported: dict[str, tensor])
@@ -66,13 +66,6 @@ def make_forward_step(loss_head: LossHead, emit_hidden_states: bool) -> Callable
         return output, partial(_call_head, loss_head, batch, model)
 
     return forward_step
-
-
-def model_device(model) -> torch.device:
-    """The device ``model``'s parameters live on (CPU for a model without parameters)."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _call_head(loss_head: LossHead, batch: dict, model, output):
