@@ -131,13 +131,13 @@ def megatron_logits(engine, tokens: torch.Tensor) -> torch.Tensor | None:
 
 def logits_worker(rank, world, runs):
     """For each ``(overrides, tokens)``: build the engine from the HF folder, return its logits (or None)."""
-    from vespo_megatron.config import load_config
+    from vespo_megatron.run_config import load_run_config
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
     out = []
     for overrides, tokens in runs:
-        config = load_config(None, overrides)
+        config = load_run_config(None, overrides)
         engine = build_engine(config, initialize(config), vocab_size=config.model.vocab_size)
         out.append(megatron_logits(engine, tokens))
     return out

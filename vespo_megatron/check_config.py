@@ -2,9 +2,11 @@
 
 Validates the config for ``N * G`` ranks without creating a process group (no Megatron import), then
 prints the rank grid Megatron will build, the parameters each rank holds, the per-GPU memory estimate
-of every pipeline stage and the loss's communication per optimizer update. Exit status: 0 when the
+of every pipeline stage in training and in the rollout (KV cache of one decode batch, logits, prefill; which
+phase peaks) and the loss's communication per optimizer update. Exit status: 0 when the
 layout is valid and the estimate fits ``--gpu-memory-gb``, 2 on an invalid config (the ConfigError
-message is printed), 3 when the estimate exceeds the GPU memory. ``--json`` prints one JSON object.
+message is printed), 3 when the estimate exceeds the GPU memory (one line with the numbers and the fix: for
+the rollout, the ``rollout.max_batch_sequences`` that fits). ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import json
 import sys
 
 from vespo_megatron import estimates
-from vespo_megatron.config import Config, ConfigError, load_config, validate
+from vespo_megatron.config import Config, ConfigError, validate
 from vespo_megatron.layout import build_layout, render_layout
+from vespo_megatron.run_config import load_run_config
 
 EXIT_INVALID = 2
 EXIT_OUT_OF_MEMORY = 3
@@ -64,8 +67,15 @@ def check(config: Config, nodes: int, gpus_per_node: int, *, gpu_memory_gb: floa
     stages = estimates.estimate_memory(config, world, vocab, overhead_gb=overhead_gb)
     peak = estimates.peak_memory(stages)
     comm = estimates.loss_communication(config, world)
+    budget = gpu_memory_gb * estimates.GIB
+    training_fits = max(s.training for s in stages) <= budget
     return {
-        "ok": peak.total <= gpu_memory_gb * estimates.GIB,
+        "ok": peak.total <= budget,
+        "peak_phase": peak.peak_phase,
+        "rollout_batch_sequences": peak.rollout_batch,
+        "fitting_rollout_batch_sequences": (
+            estimates.fitting_rollout_batch(stages, config, world, vocab, budget)
+            if peak.rollout_batch and training_fits else None),
         "world_size": world,
         "rollout_ranks": config.parallel.rollout_ranks,
         "nodes": nodes,
@@ -113,15 +123,20 @@ def render(report: dict, config: Config) -> str:
     ]
     for s in params["per_rank"]:
         lines.append(f"  pp rank {s['pp_rank']}: {s['total']:,} per GPU ({s['dense']:,} dense + {s['expert']:,} expert)")
-    lines += ["", f"memory per GPU (GiB; {report['micro_batches_per_update']} micro-batches per update):"]
-    lines.append("  stage   weights   grads  optimizer  activations  overhead   total")
+    batch = report["rollout_batch_sequences"]
+    lines += ["", f"memory per GPU (GiB; {report['micro_batches_per_update']} micro-batches per update; rollout "
+              + (f"decode batch {batch} sequences):" if batch else "not on these ranks):")]
+    lines.append("  stage   weights   grads  optimizer  overhead | activations training | kv cache  logits+prefill"
+                 " rollout |  peak")
     for m in report["memory_gib"]:
         lines.append(
-            f"  pp {m['pp_rank']:<4} {m['weights']:>8.2f} {m['grads']:>7.2f} {m['optimizer']:>10.2f} "
-            f"{m['activations']:>12.2f} {m['overhead']:>9.2f} {m['total']:>7.2f}"
+            f"  pp {m['pp_rank']:<4} {m['weights']:>8.2f} {m['grads']:>7.2f} {m['optimizer']:>10.2f} {m['overhead']:>9.2f}"
+            f" | {m['activations']:>11.2f} {m['training']:>8.2f} | {m['kv_cache']:>8.2f} {m['rollout_transient']:>15.2f}"
+            f" {m['rollout']:>7.2f} | {m['total']:>5.2f} {m['peak_phase']}"
         )
     fits = "fits" if report["ok"] else "DOES NOT FIT"
-    lines.append(f"  peak {report['peak_memory_gib']:.2f} GiB {fits} in {report['gpu_memory_gb']:g} GiB")
+    lines.append(f"  peak {report['peak_memory_gib']:.2f} GiB ({report['peak_phase']}) {fits} in "
+                 f"{report['gpu_memory_gb']:g} GiB")
     comm = report["loss_communication"]
     lines.append("")
     if comm["group_size"] == 1:
@@ -137,10 +152,32 @@ def render(report: dict, config: Config) -> str:
     return "\n".join(lines)
 
 
+def out_of_memory_message(report: dict) -> str:
+    """One line: the estimated peak, its phase, and the keys that fix it (the rollout batch that fits, if any)."""
+    peak, limit = report["peak_memory_gib"], report["gpu_memory_gb"]
+    head = f"the estimated peak {peak:.2f} GiB per GPU ({report['peak_phase']}) exceeds --gpu-memory-gb={limit:g}"
+    training_fix = ("raise tp/pp/cp/ep, use the distributed optimizer, lower train.micro_batch_size or "
+                    "model.max_seq_length, or use more nodes")
+    if report["peak_phase"] == "training":
+        return f"{head}; {training_fix}"
+    worst = max(report["memory_gib"], key=lambda m: m["total"])
+    numbers = (f"KV cache {worst['kv_cache']:.2f} GiB for {report['rollout_batch_sequences']} sequences + logits and "
+               f"prefill {worst['rollout_transient']:.2f} GiB on top of {worst['rollout'] - worst['kv_cache'] - worst['rollout_transient']:.2f} GiB resident")
+    fitting = report["fitting_rollout_batch_sequences"]
+    if fitting is None:
+        training = max(m["training"] for m in report["memory_gib"])
+        return (f"{head}: {numbers}; training alone needs {training:.2f} GiB: {training_fix}, then set "
+                "rollout.max_batch_sequences to what check-config proposes")
+    if fitting:
+        return f"{head}: {numbers}; set rollout.max_batch_sequences={fitting} (the largest decode batch that fits)"
+    return (f"{head}: {numbers}, and not even one sequence fits; lower rollout.max_new_tokens or model.max_seq_length, "
+            "raise parallel.tp/pp, or use more nodes")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_run_config(args.config, args.overrides)
         report = check(
             config,
             args.nodes,
@@ -161,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(report, config))
     if not report["ok"]:
         if not args.json:
-            print(
-                f"error: the estimated peak {report['peak_memory_gib']:.2f} GiB per GPU exceeds --gpu-memory-gb="
-                f"{args.gpu_memory_gb:g}; raise tp/pp/cp/ep, use the distributed optimizer, lower "
-                "train.micro_batch_size or model.max_seq_length, or use more nodes",
-                file=sys.stderr,
-            )
+            print(f"error: {out_of_memory_message(report)}", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
     return 0
 

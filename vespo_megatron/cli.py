@@ -33,11 +33,11 @@ def _train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model.hf_path is a local folder: nothing is downloaded
-    from vespo_megatron.config import load_config
+    from vespo_megatron.run_config import load_run_config
     from vespo_megatron.rl.loop import run
     from vespo_megatron.runtime.distributed import shutdown
 
-    run(load_config(args.config, args.overrides))
+    run(load_run_config(args.config, args.overrides))
     shutdown()
     return 0
 

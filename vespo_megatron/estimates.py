@@ -30,8 +30,23 @@ Memory per GPU (bytes, per pipeline stage; the worst stage is what must fit):
   A stage holds ``L / pp`` layers for ``min(pp, micro-batches)`` micro-batches in flight under 1F1B
   (times ``1 + (pp - 1) / (pp * vpp)`` when interleaved), plus the last stage's chunked log-prob
   logits (``loss.chunk_size x V/tp`` fp32, twice: logits and their softmax). Element sizes are 2 bytes (bf16) or
-  4 (fp32). Rollout KV caches and the CUDA/NCCL context are not included (``overhead_gb`` is added
-  as a flat allowance).
+  4 (fp32). The CUDA/NCCL context is not modelled (``overhead_gb`` is added as a flat allowance).
+
+The rollout (colocated: the trainer's ranks sample with the KV-cache decoder) is a second phase with the same
+weights, gradient buffers and optimizer state resident, plus, for one decode batch of ``b`` sequences
+(``min(rollout.max_batch_sequences, prompts_per_step * group_size / dp)``):
+
+- the KV cache: ``L / pp`` layers x b x ``seq_length`` positions (the decoder caches the longest prompt plus
+  ``max_new_tokens - 1``, which the context bounds) x ``g / tp`` KV heads x ``d`` x 2 (keys and values) x the
+  element size;
+- the prefill's transient: one layer's activations (the formula above, without sequence parallelism, which
+  decoding does not use) at the longest prompt the context leaves, ``seq_length + 1 - max_new_tokens`` tokens;
+- the logits: ``b x V/tp`` fp32 on this rank, ``b x V`` fp32 gathered, and the sampler's temporaries on them
+  (scaled logits, log-softmax and probabilities in fp32, the cumulative distribution in fp64), plus the
+  output-layer rows converted to fp32 at a time (``rollout.common.LOGIT_CHUNK_ROWS x h``).
+
+The peak is the larger phase. Rollout workers of the disaggregated mode (``parallel.rollout_ranks > 0``) are
+not estimated yet: the trainer's ranks then have no rollout phase.
 
 The VESPO loss needs one all-reduce of ``[2, B]`` fp32 sums per micro-batch over the TP x CP group;
 the sequence-level design of all-gathering ``[B, S]`` token log-probs moves ``S / 2`` times more.
@@ -45,6 +60,8 @@ from dataclasses import asdict, dataclass
 from vespo_megatron.config import Config, ModelConfig
 
 GIB = 1024**3
+LOGIT_CHUNK_ROWS = 8192
+"""rollout.common.LOGIT_CHUNK_ROWS, repeated so that this module needs no torch (a test keeps them equal)."""
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -148,15 +165,22 @@ def num_micro_batches(config: Config, world_size: int) -> int:
     return config.train.global_batch_size // (config.train.micro_batch_size * dp)
 
 
-def activation_elements_per_layer(config: Config) -> int:
-    """Elements one transformer layer keeps for backward per micro-batch on one rank (see module doc)."""
+def activation_elements_per_layer(config: Config, tokens: int | None = None, sequences: int | None = None,
+                                  *, sequence_parallel: bool | None = None, cp: int | None = None) -> int:
+    """Elements one transformer layer keeps for backward per micro-batch on one rank (see module doc).
+
+    ``tokens`` per sequence, ``sequences``, ``sequence_parallel`` and ``cp`` default to training's (the rollout's
+    prefill passes its own)."""
     model, par = config.model, config.parallel
-    s, b = config.seq_length, config.train.micro_batch_size
+    s = config.seq_length if tokens is None else tokens
+    b = config.train.micro_batch_size if sequences is None else sequences
     h, a, g = model.hidden_size, model.num_attention_heads, model.query_groups
     d = model.kv_channels or h // a
     glu = 2 if model.swiglu else 1
-    tp, cp = par.tp, par.cp
-    sp_split = tp if par.sequence_parallel else 1
+    tp = par.tp
+    cp = par.cp if cp is None else cp
+    sp = par.sequence_parallel if sequence_parallel is None else sequence_parallel
+    sp_split = tp if sp else 1
     norm_region = 4 * s * b * h
     if model.is_moe:
         norm_region += s * b * model.num_experts
@@ -178,9 +202,42 @@ def activation_elements_per_layer(config: Config) -> int:
     return elements
 
 
+def rollout_batch_sequences(config: Config, world_size: int) -> int:
+    """Sequences one decode batch holds on each data-parallel rank (0 when the trainer's ranks do not sample)."""
+    rollout = config.rollout
+    if config.parallel.rollout_ranks or rollout.source != "model":
+        return 0
+    per_rank = rollout.prompts_per_step * rollout.group_size // config.parallel.dp(world_size)
+    return min(per_rank, rollout.max_batch_sequences or per_rank)
+
+
+def kv_cache_bytes_per_sequence(config: Config) -> int:
+    """KV-cache bytes one decoded sequence holds on one rank of a pipeline stage (see module doc)."""
+    model, par = config.model, config.parallel
+    d = model.kv_channels or model.hidden_size // model.num_attention_heads
+    width = 2 if model.dtype == "bf16" else 4
+    return model.num_layers // par.pp * config.seq_length * (model.query_groups // par.tp) * d * 2 * width
+
+
+def rollout_transient_bytes(config: Config, vocab_size: int, sequences: int, last_stage: bool) -> int:
+    """The prefill's largest layer and (last stage) the logits of ``sequences`` rows (see module doc)."""
+    if sequences == 0:
+        return 0
+    model, par = config.model, config.parallel
+    width = 2 if model.dtype == "bf16" else 4
+    prompt = config.seq_length + 1 - config.rollout.max_new_tokens
+    prefill = activation_elements_per_layer(config, prompt, sequences, sequence_parallel=False, cp=1) * width
+    if not last_stage:
+        return prefill
+    from_stage = (4 if model.dtype == "bf16" else 0) * LOGIT_CHUNK_ROWS * model.hidden_size
+    padded = model.padded_vocab_size(model.vocab_size or vocab_size, par.tp)
+    logits = sequences * (padded // par.tp * 4 + padded * (4 + 3 * 4 + 8))
+    return prefill + logits + from_stage
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes one GPU of a pipeline stage needs during training."""
+    """Bytes one GPU of a pipeline stage needs in training and in the rollout (the larger is its peak)."""
 
     pp_rank: int
     parameters: int
@@ -189,14 +246,38 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     overhead: int
+    kv_cache: int = 0
+    """The rollout's KV cache for one decode batch of ``rollout_batch`` sequences."""
+    rollout_transient: int = 0
+    """The rollout's prefill layer and logits (see module doc)."""
+    rollout_batch: int = 0
+
+    @property
+    def resident(self) -> int:
+        """Held in both phases: weights, gradient buffers, optimizer state and the flat overhead."""
+        return self.weights + self.grads + self.optimizer + self.overhead
+
+    @property
+    def training(self) -> int:
+        return self.resident + self.activations
+
+    @property
+    def rollout(self) -> int:
+        return self.resident + self.kv_cache + self.rollout_transient if self.rollout_batch else 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.overhead
+        return max(self.training, self.rollout)
+
+    @property
+    def peak_phase(self) -> str:
+        return "rollout" if self.rollout > self.training else "training"
 
     def to_gib(self) -> dict:
-        keys = ("weights", "grads", "optimizer", "activations", "overhead", "total")
-        return {k: round(getattr(self, k) / GIB, 3) for k in keys}
+        keys = ("weights", "grads", "optimizer", "activations", "kv_cache", "rollout_transient", "overhead",
+                "training", "rollout", "total")
+        return {k: round(getattr(self, k) / GIB, 3) for k in keys} | {
+            "peak_phase": self.peak_phase, "rollout_batch": self.rollout_batch}
 
 
 def estimate_memory(
@@ -222,10 +303,12 @@ def estimate_memory(
         in_flight *= 1 + (par.pp - 1) / (par.pp * par.vpp)
     per_layer = activation_elements_per_layer(config) * width
     padded = model.padded_vocab_size(model.vocab_size or vocab_size, par.tp)
+    batch = rollout_batch_sequences(config, world_size)
     estimates = []
     for stage in parameters_per_rank(config, vocab_size):
+        last = stage.pp_rank == par.pp - 1
         activations = per_layer * model.num_layers // par.pp * in_flight
-        if stage.pp_rank == par.pp - 1:
+        if last:
             activations += 2 * min(chunk, config.seq_length * config.train.micro_batch_size) * (
                 padded // par.tp
             ) * 4
@@ -239,6 +322,9 @@ def estimate_memory(
                 optimizer=int(optimizer),
                 activations=int(activations),
                 overhead=int(overhead_gb * GIB),
+                kv_cache=batch * kv_cache_bytes_per_sequence(config),
+                rollout_transient=rollout_transient_bytes(config, vocab_size, batch, last),
+                rollout_batch=batch,
             )
         )
     return estimates
@@ -247,6 +333,26 @@ def estimate_memory(
 def peak_memory(estimates: list[MemoryEstimate]) -> MemoryEstimate:
     """The stage that needs the most memory."""
     return max(estimates, key=lambda e: e.total)
+
+
+def fitting_rollout_batch(estimates: list[MemoryEstimate], config: Config, world_size: int, vocab_size: int,
+                          budget_bytes: float) -> int:
+    """The largest decode batch (sequences) whose rollout fits ``budget_bytes`` on every stage, at most the
+    per-rank sequences of a step; 0 when not even one sequence fits."""
+    best = config.rollout.prompts_per_step * config.rollout.group_size // config.parallel.dp(world_size)
+    for stage in estimates:
+        last = stage.pp_rank == config.parallel.pp - 1
+
+        def fits(b: int) -> bool:
+            need = stage.resident + b * kv_cache_bytes_per_sequence(config)
+            return need + rollout_transient_bytes(config, vocab_size, b, last) <= budget_bytes
+
+        lo, hi = 0, best  # largest b in [0, hi] with fits(b): the need grows with b
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        best = lo
+    return best
 
 
 # ------------------------------------------------------------------------------------------------ loss comm

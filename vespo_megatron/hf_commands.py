@@ -20,12 +20,13 @@ def _offline() -> None:
 def import_hf(hf_dir, checkpoint_dir, config_path=None, overrides=()) -> Path:
     """Build the run of ``config_path`` + ``overrides`` from ``hf_dir``'s weights; save it as step 0."""
     from vespo_megatron import checkpoint
-    from vespo_megatron.config import load_config
-    from vespo_megatron.models.hf import require_hf_dir, write_checkpoint_sidecar
+    from vespo_megatron.checkpoint.sidecar import write_checkpoint_sidecar
+    from vespo_megatron.models.hf import require_hf_dir
     from vespo_megatron.rl.loop import build_trainer, checkpoint_state
+    from vespo_megatron.run_config import load_run_config
 
     require_hf_dir(hf_dir, field="HF_DIR")
-    config = load_config(config_path, [*overrides, f"model.hf_path={hf_dir}", f"checkpoint.dir={checkpoint_dir}"])
+    config = load_run_config(config_path, [*overrides, f"model.hf_path={hf_dir}", f"checkpoint.dir={checkpoint_dir}"])
     trainer = build_trainer(config, hf_weights=True)
     write_checkpoint_sidecar(checkpoint_dir, config)
     return checkpoint.save_checkpoint(trainer.context.engine, checkpoint_dir, 0, checkpoint_state(trainer))
@@ -34,12 +35,8 @@ def import_hf(hf_dir, checkpoint_dir, config_path=None, overrides=()) -> Path:
 def export_hf(checkpoint_path, out_dir, overrides=(), max_shard_bytes=None):
     """Load a checkpoint (any saved layout, resharded to this launch's) and write it as an HF folder."""
     from vespo_megatron import checkpoint
-    from vespo_megatron.models.hf import (
-        DEFAULT_SHARD_BYTES,
-        checkpoint_config,
-        checkpoint_root_and_step,
-        export_checkpoint,
-    )
+    from vespo_megatron.checkpoint.sidecar import checkpoint_config, checkpoint_root_and_step, export_checkpoint
+    from vespo_megatron.models.hf import DEFAULT_SHARD_BYTES
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 

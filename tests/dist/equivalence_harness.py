@@ -61,20 +61,20 @@ def synthetic_rollout(seed: int = 11):
 
 
 def _rl_micro_batches(engine, ctx, config, head_kind, workdir, role):
-    """This rank's RL micro-batches and the update's loss head; the reference fixes the old log-probs."""
-    from vespo_megatron.rl.batch import micro_batches as rl_micro_batches
+    """This rank's RL micro-batches (as ``config.train`` sets them: fixed size, token budget or packed) and
+    the update's loss head; the reference fixes the old log-probs."""
+    from vespo_megatron.rl.batch import config_micro_batches
+    from vespo_megatron.rl.behaviour import per_row
     from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head, token_loss_head, vespo_head
-    from vespo_megatron.runtime.collectives import context_parallel_chunks
 
     rollout = synthetic_rollout()
     old_path = os.path.join(workdir, "old_logprobs.pt")
     if role == "reference":
-        rows = torch.arange(rollout.size)
-        micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
+        micro = config_micro_batches(config, rollout, torch.arange(rollout.size), ctx)
         gen = torch.Generator().manual_seed(5)
         if head_kind == "vespo":
             reports = engine.forward_only(micro, old_logprob_sums_head(ctx, 1.0, 4))
-            old = torch.cat([r["seq/logprob_sum"] for r in reports])
+            old = per_row(micro, reports, "seq/logprob_sum", rollout.size)
             old = old + 0.5 * torch.randn(old.shape, generator=gen)  # a stale behaviour policy
         else:
             reports = engine.forward_only(micro, old_token_logprobs_head(ctx, 1.0, 4))
@@ -88,12 +88,23 @@ def _rl_micro_batches(engine, ctx, config, head_kind, workdir, role):
     global_sequences = torch.tensor(float(rollout.size))
     if head_kind == "vespo":
         rollout.old_logprob_sums = old
-        micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
-        return micro, vespo_head(ctx, config, global_tokens, global_sequences, NUM_MICRO_BATCHES)
-    micro = rl_micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
-    for batch, chunk in zip(micro, rows.split(config.train.micro_batch_size)):
-        batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
-    return micro, token_loss_head(ctx, config, global_tokens, global_sequences, NUM_MICRO_BATCHES)
+    else:
+        rollout.old_token_logprobs = old
+    micro = config_micro_batches(config, rollout, rows, ctx)
+    global_micro = len(micro) * ctx.dp
+    head = vespo_head if head_kind == "vespo" else token_loss_head
+    return micro, head(ctx, config, global_tokens, global_sequences, global_micro)
+
+
+def logprob_sums_by_row(engine, ctx, micro: list[dict]) -> torch.Tensor:
+    """Per-sequence log-prob sums of this rank's ``micro`` under the current weights, in rollout-row order
+    (every row of the rollout; rows of other DP ranks are 0), on every pipeline stage."""
+    from vespo_megatron.rl.behaviour import per_row
+    from vespo_megatron.rl.heads import old_logprob_sums_head
+    from vespo_megatron.runtime.collectives import from_last_stage
+
+    reports = engine.forward_only(micro, old_logprob_sums_head(ctx, 1.0, 4))
+    return from_last_stage(per_row(micro, reports, "seq/logprob_sum", 2 * NUM_MICRO_BATCHES), ctx.pp_group)
 
 
 def _sharded_state(engine):
@@ -150,7 +161,7 @@ def _my_micro_batches(ctx) -> list[dict]:
     return [shard_micro_batch(b, ctx) for b in mine]
 
 
-def _step_worker(rank, world, overrides, workdir, role, compare_grads, head_kind="sft"):
+def _step_worker(rank, world, overrides, workdir, role, compare_grads, head_kind="sft", report_sums=False):
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
     from vespo_megatron.train.sft import sft_loss_head
@@ -168,6 +179,7 @@ def _step_worker(rank, world, overrides, workdir, role, compare_grads, head_kind
         micro, head, emit, key = _my_micro_batches(ctx), sft_loss_head, False, "sft/loss"
     else:
         (micro, head), emit, key = _rl_micro_batches(engine, ctx, config, head_kind, workdir, role), True, "loss/value"
+    sums = logprob_sums_by_row(engine, ctx, micro) if report_sums else None
     reported = engine.forward_backward(micro, head, emit)
     loss = engine.reduce_reported(reported)[key]
     if compare_grads:
@@ -177,7 +189,8 @@ def _step_worker(rank, world, overrides, workdir, role, compare_grads, head_kind
     update_ok, _, _ = engine.optimizer.step()
     assert update_ok
     _save(engine, os.path.join(workdir, f"{role}_weights"))
-    return loss
+    primary = ctx.tp_rank == 0 and ctx.cp_rank == 0 and ctx.pp_rank == 0  # one per data-parallel replica
+    return dict(loss=loss, sums=sums, micro_batches=len(micro), primary=primary) if report_sums else loss
 
 
 def _read_worker(rank, world, overrides, directories):
@@ -194,10 +207,15 @@ def _read_worker(rank, world, overrides, directories):
 
 
 def compare_layout(base: list[str], layout: list[str], world: int, workdir: str, compare_grads: bool = True,
-                   head: str = "sft"):
-    """Run reference and sharded steps; return (ref_loss, loss, {kind: (ref, sharded) full param dicts})."""
-    ref_loss = run_local_workers(_step_worker, 1, base, workdir, "reference", compare_grads, head)[0]
-    losses = run_local_workers(_step_worker, world, base + layout, workdir, "sharded", compare_grads, head)
+                   head: str = "sft", report_sums: bool = False):
+    """Run reference and sharded steps; return (ref_loss, loss, {kind: (ref, sharded) full param dicts}).
+
+    With ``report_sums`` (RL heads) each loss is a dict ``{loss, sums, micro_batches}``: ``sums`` the
+    per-sequence log-prob sums of the rank's rows before the update (rollout-row order, 0 for other DP
+    ranks' rows), ``micro_batches`` how many the rank ran, ``primary`` true on one rank per DP replica."""
+    ref_loss = run_local_workers(_step_worker, 1, base, workdir, "reference", compare_grads, head, report_sums)[0]
+    losses = run_local_workers(_step_worker, world, base + layout, workdir, "sharded", compare_grads, head,
+                               report_sums)
     kinds = (["grads"] if compare_grads else []) + ["weights"]
     directories = [os.path.join(workdir, f"{role}_{kind}") for kind in kinds for role in ("reference", "sharded")]
     loaded = run_local_workers(_read_worker, 1, base, directories)[0]

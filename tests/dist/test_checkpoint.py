@@ -161,7 +161,7 @@ def test_optimizer_kind_change_loads_model_only(tmp_path):
 def _save_prune_crash(rank, world, root):
     from pathlib import Path
 
-    from vespo_megatron import checkpoint as ck
+    from vespo_megatron.checkpoint import store as ck
 
     root = Path(root)
     engine = _engine([])
@@ -293,7 +293,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def _preempt(rank, world):
-    from vespo_megatron.checkpoint import install_preemption_handler
+    from vespo_megatron.runtime.preemption import install_preemption_handler
 
     flag = install_preemption_handler()
     before = flag.should_stop()
@@ -313,7 +313,7 @@ def test_preemption_flag_stops_every_rank():
 
 
 def test_preemption_flag_without_process_group():
-    from vespo_megatron.checkpoint import install_preemption_handler
+    from vespo_megatron.runtime.preemption import install_preemption_handler
 
     previous = signal.getsignal(signal.SIGTERM)
     flag = install_preemption_handler(signals=(signal.SIGTERM,))

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from tests.hf_fixtures import build_hf_model, hf_logits, logits_worker, megatron_logits
-from vespo_megatron.models.hf import _auto_bridge_class
+from vespo_megatron.models.hf import auto_bridge_class
 from vespo_megatron.runtime.local_workers import run_local_workers
 
-_auto_bridge_class()  # imported once here (about 10 s), inherited by the forked workers
+auto_bridge_class()  # imported once here (about 10 s), inherited by the forked workers
 
 pytestmark = pytest.mark.slow
 TOKENS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -97,10 +97,10 @@ def test_import_then_export_is_bit_exact(tmp_path):
 
 
 def _train_worker(rank, world, overrides):
-    from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
+    from vespo_megatron.run_config import load_run_config
 
-    trainer = run(load_config(None, overrides))
+    trainer = run(load_run_config(None, overrides))
     context = trainer.context
     return {"logits": megatron_logits(context.engine, TOKENS), "history": trainer.state.history,
             "eos": context.tokenizer.stop_ids, "kind": type(context.tokenizer).__name__}
@@ -144,3 +144,30 @@ def test_train_resumes_from_an_import_hf_checkpoint(tmp_path):
     expected = hf_logits(hf_dir, TOKENS)
     got = [r["logits"] for r in results if r["logits"] is not None]
     assert len(got) == 1 and (got[0] - expected).abs().max().item() < 1e-5
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}  # Llama 3.2's values
+
+
+def test_llama3_rope_scaling_logits_equal_transformers_past_the_original_context(tmp_path):
+    """Llama 3.1/3.2 RoPE scaling through Megatron-Core's own llama3 scaling: one sequence of 8200 positions
+    (past the original 8192) at TP1 and TP2+SP; the same weights without the scaling give other logits (so the
+    comparison can fail)."""
+    long = 8200
+    hf_dir = build_hf_model(tmp_path / "llama3", "llama", max_position_embeddings=16384,
+                            rope_scaling=dict(LLAMA3_SCALING))
+    plain_dir = build_hf_model(tmp_path / "plain", "llama", max_position_embeddings=16384)
+    tokens = torch.randint(0, 96, (1, long), generator=torch.Generator().manual_seed(1))
+    expected = hf_logits(hf_dir, tokens)
+    assert (hf_logits(plain_dir, tokens) - expected).abs().max().item() > 1e-4  # 10x the tolerance below
+    base = [f"model.hf_path={hf_dir}", f"model.max_seq_length={long}", "train.micro_batch_size=1",
+            "train.global_batch_size=2", "logging.tensorboard=false", "logging.progress_bar=false",
+            "loss.chunk_size=1024"]
+    layouts = [[], TP2_SP]
+    results = run_local_workers(logits_worker, 2, [(base + lay, tokens) for lay in layouts], timeout_s=900)
+    errors = []
+    for index in range(len(layouts)):
+        got = [rank_out[index] for rank_out in results if rank_out[index] is not None]
+        errors.append(max((logits - expected).abs().max().item() for logits in got))
+    assert errors[0] < 1e-5 and errors[1] < 1e-5, errors

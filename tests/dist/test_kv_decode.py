@@ -33,15 +33,19 @@ def _prompts(seed: int) -> list[list[int]]:
     return [torch.randint(2, 64, (length,), generator=gen).tolist() for length in PROMPT_LENGTHS]
 
 
-def _run(fn, engine, config, prompts, greedy, seed=5, **kwargs):
-    return fn(engine, prompts, config.rollout, seq_length=config.seq_length, eos_id=EOS, pad_id=0,
-              generator=torch.Generator().manual_seed(seed), greedy=greedy, vocab_size=60, **kwargs)
+def _run(fn, engine, config, prompts, greedy, seed=5, stop_sequences=(), **options):
+    from vespo_megatron.rollout.common import DecodeRequest
+
+    request = DecodeRequest(config.rollout, seq_length=config.seq_length, eos_id=EOS, pad_id=0,
+                            generator=torch.Generator().manual_seed(seed), greedy=greedy, vocab_size=60,
+                            stop_sequences=stop_sequences)
+    return fn(engine, prompts, request, **options)
 
 
 def _compare(engine, config, prompts, **kwargs) -> dict:
     """KV vs recompute, greedy and sampled: token equality, log-prob gap, and the sampled tokens."""
     from vespo_megatron.rollout.decode import decode
-    from vespo_megatron.rollout.generate import generate
+    from vespo_megatron.rollout.recompute import generate
 
     out = {}
     for greedy in (True, False):
@@ -128,7 +132,8 @@ def _sharded(rank, world, overrides, workdir):
 
 def _context_parallel(engine, config):
     """CP: the KV decoder refuses; rollout.engine=kv samples with the recompute decoder (CP-sharded)."""
-    from vespo_megatron.rollout.decode import decode, sample
+    from vespo_megatron.rollout.decode import decode
+    from vespo_megatron.rollout.decoders import sample
 
     out = {}
     try:

@@ -45,6 +45,7 @@ def _decode_both(rank, world, overrides, weights=None, role="reference"):
     with role 'sharded' loads them instead of perturbing."""
     from tests.dist.equivalence_harness import _load, _save
     from vespo_megatron.config import load_config
+    from vespo_megatron.rollout.common import DecodeRequest
     from vespo_megatron.rollout.decode import decode
     from vespo_megatron.rollout.decode_step import lean_step_blocker
     from vespo_megatron.runtime.distributed import initialize
@@ -65,8 +66,9 @@ def _decode_both(rank, world, overrides, weights=None, role="reference"):
         runs = {}
         for step in ("lean", "megatron"):
             settings = dataclasses.replace(config.rollout, kv_step=step)
-            runs[step] = decode(engine, prompts, settings, seq_length=config.seq_length, eos_id=1, pad_id=0,
-                                generator=torch.Generator().manual_seed(11), greedy=greedy, vocab_size=60)
+            runs[step] = decode(engine, prompts, DecodeRequest(
+                settings, seq_length=config.seq_length, eos_id=1, pad_id=0,
+                generator=torch.Generator().manual_seed(11), greedy=greedy, vocab_size=60))
         lean, full = runs["lean"], runs["megatron"]
         out["greedy" if greedy else "sampled"] = {
             "same_tokens": torch.equal(lean.sequences, full.sequences),

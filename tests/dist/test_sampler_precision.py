@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def _decode_both(rank, world):
     from vespo_megatron.config import load_config
-    from vespo_megatron.rollout.decode import sample
+    from vespo_megatron.rollout.common import DecodeRequest
+    from vespo_megatron.rollout.decoders import sample
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
@@ -31,8 +32,9 @@ def _decode_both(rank, world):
     out = {}
     for dtype in ("fp32", "bf16"):
         settings = dataclasses.replace(config.rollout, sampler_dtype=dtype)
-        generated = sample(engine, prompts, settings, seq_length=config.seq_length, eos_id=1, pad_id=0,
-                           generator=torch.Generator().manual_seed(0), greedy=True, vocab_size=60)
+        generated = sample(engine, prompts, DecodeRequest(settings, seq_length=config.seq_length, eos_id=1, pad_id=0,
+                                                          generator=torch.Generator().manual_seed(0), greedy=True,
+                                                          vocab_size=60))
         out[dtype] = {"sequences": generated.sequences, "logprobs": generated.sampler_logprobs,
                       "mask": generated.sampler_logprobs != 0}
     out["param_dtypes"] = {p.dtype for p in engine.chunks[0].parameters()}

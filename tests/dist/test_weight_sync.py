@@ -1,10 +1,11 @@
 """Weight sync from trainer ranks to a rollout worker with another layout (disaggregated mode).
 
-A 3-rank job: 2 trainer ranks (TP2, or MoE with EP2) and 1 rollout worker (TP1, EP1). The trainers
+A 3-rank job: 2 trainer ranks (TP2, PP2 with and without tied embeddings, or MoE with EP2) and 1 rollout
+worker (TP1, PP1, EP1). The trainers
 take one optimizer step and push their weights shard to shard. Each trainer's local shard must be,
 bit for bit, Megatron's tensor-parallel shard of the worker's full tensor (cut with the parameter's own
-partition_dim and partition_stride, the rule Megatron's checkpoint resharding uses), with experts
-renamed from local to global index.
+partition_dim and partition_stride, the rule Megatron's checkpoint resharding uses), with layers and experts
+renamed from local to global index (a tied output layer on the last stage is the worker's embedding).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _global_expert_name(name: str, ep_rank: int, per_rank: int) -> str:
     return f"{head}{marker}{ep_rank * per_rank + int(index)}.{rest}"
 
 
+def _global_layer_name(name: str, model) -> str:
+    """``decoder.layers.{i}...`` of a pipeline stage as the unsplit model names it (``layer_number - 1``)."""
+    marker = "decoder.layers."
+    if not name.startswith(marker):
+        return name
+    index, rest = name[len(marker):].split(".", 1)
+    return f"{marker}{model.decoder.layers[int(index)].layer_number - 1}.{rest}"
+
+
 def _sync(rank, world, overrides):
     from vespo_megatron.models.gpt import unwrap
     from vespo_megatron.rl.weight_sync import TrainerSync, exchange_manifests
@@ -63,23 +73,27 @@ def _sync(rank, world, overrides):
     batches = micro_batches(seed=5)
     per_rank = len(batches) // ctx.dp
     assert not engine.train_step(batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank], sft_loss_head).skipped
-    sync = TrainerSync(engine.chunks, ctx, split, config.model.num_experts, config.model.swiglu, 0.01)
+    sync = TrainerSync(engine.chunks, split, 0.01)
     exchange_manifests(split, sync, ctx.dp_rank)
     pushed = sync.push()  # posted, not waited for: the worker takes it when it reaches a step boundary
     sync.finish()
     per_rank_experts = (config.model.num_experts or 1) // ctx.ep
-    shards = {_global_expert_name(name, ctx.ep_rank, per_rank_experts):
+    model = unwrap(engine.chunks[0])
+    tied = {"output_layer.weight": "embedding.word_embeddings.weight"} if config.model.tie_embeddings else {}
+    shards = {tied.get(name) or _global_expert_name(_global_layer_name(name, model), ctx.ep_rank, per_rank_experts):
               (p.detach().clone(), bool(getattr(p, "tensor_model_parallel", False)), getattr(p, "partition_dim", -1),
                getattr(p, "partition_stride", 1), ctx.etp_rank if not getattr(p, "allreduce", True) else ctx.tp_rank,
                ctx.etp if not getattr(p, "allreduce", True) else ctx.tp)
-              for name, p in unwrap(engine.chunks[0]).named_parameters()}
+              for name, p in model.named_parameters()}
     return {"pushed": pushed, "shards": shards}
 
 
 @pytest.mark.parametrize("layout, base", [
     (["parallel.tp=2"], DENSE),
+    (["parallel.pp=2"], DENSE),
+    (["parallel.pp=2", "model.tie_embeddings=true"], DENSE),
     (["parallel.ep=2", "parallel.etp=1"], MOE),
-], ids=["tp2_to_tp1", "moe_ep2_to_ep1"])
+], ids=["tp2_to_tp1", "pp2_to_pp1", "pp2_tied_to_pp1", "moe_ep2_to_ep1"])
 def test_worker_weights_equal_the_trainers_after_sync(layout, base):
     *trainers, worker = run_local_workers(_sync, 3, base + layout, timeout_s=600)
     full = worker["params"]

@@ -46,9 +46,9 @@ def overrides(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def load(overrides_: list[str]):
-    from vespo_megatron.config import load_config
+    from vespo_megatron.run_config import load_run_config
 
-    return load_config(CONFIG, overrides_)
+    return load_run_config(CONFIG, overrides_)
 
 
 # ------------------------------------------------------------------------- worker entry points

@@ -428,7 +428,6 @@ def _partial_worker_run(rank, world_size, overrides_, decode_step_s):
     """The RL loop with a rollout worker slowed by ``decode_step_s`` per decode step (so pushes land inside its
     generations). The worker keeps its weights after every push and each decode's output, then recomputes every
     sampled token's log-prob under the weights of the version that sampled it."""
-    from vespo_megatron.models.gpt import unwrap
     from vespo_megatron.rl import weight_sync
     from vespo_megatron.rl import worker as worker_module
 
@@ -469,15 +468,14 @@ def _partial_worker_run(rank, world_size, overrides_, decode_step_s):
     from tests.hf_fixtures import megatron_logits
 
     worker = worker_ref["worker"]
-    model = unwrap(worker.engine.chunks[0])
     worst, mixed = 0.0, 0
     for generated in decoded:
         versions = generated.token_versions
         mixed += int(sum(len(set(row[row >= 0].tolist())) > 1 for row in versions))
         for version in sorted(set(versions[versions >= 0].tolist())):
             with torch.no_grad():
-                for name, param in model.named_parameters():
-                    param.copy_(weights[version][name])
+                for spec, param, _ in weight_sync.canonical_shards(worker.engine.chunks):
+                    param.copy_(weights[version][spec.name])
             logits = megatron_logits(worker.engine, generated.sequences[:, :-1])  # the padded vocabulary, as the sampler
             logprobs = torch.log_softmax(logits.double(), dim=-1)
             targets = generated.sequences[:, 1:]

@@ -1,5 +1,6 @@
 """``vespo-megatron bench generate`` at a tiny size: every figure present, the KV-cache size by formula, and the
-transformers model holding our weights (same prompt logits, same greedy tokens)."""
+transformers model holding our weights (same prompt logits, same greedy tokens); the HF reference, exported
+by Megatron-Bridge, also reproduces the Megatron logits of tiny Qwen3 and Llama models read from HF folders."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.hf_fixtures import build_hf_model
 from vespo_megatron.cli import main as cli_main
+from vespo_megatron.runtime.local_workers import run_local_workers
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +58,26 @@ def test_bench_generate_engine_rows(capsys):
 def test_bench_generate_rejects_unknown_engines():
     with pytest.raises(SystemExit):
         cli_main(["bench", "generate", "--engines", "megatron,sglang"])
+
+
+def _reference_worker(rank, world, hf_dir):
+    from vespo_megatron.bench.generate import RESET, hf_reference, prompt_logits
+    from vespo_megatron.config import load_config
+    from vespo_megatron.runtime.distributed import initialize
+    from vespo_megatron.train.engine import build_engine
+
+    config = load_config(None, RESET + [f"model.hf_path={hf_dir}", "model.max_seq_length=16"])
+    engine = build_engine(config, initialize(config), vocab_size=config.model.vocab_size)
+    hf = hf_reference(engine, config)
+    ids = torch.randint(3, config.model.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(ids).logits[:, -1].float() - prompt_logits(engine, ids)).abs().max()
+    return {"kind": type(hf).__name__, "max_logit_diff": float(diff)}
+
+
+@pytest.mark.parametrize("family,kind", [("qwen3", "Qwen3ForCausalLM"), ("llama", "LlamaForCausalLM")])
+def test_hf_reference_from_the_bridge_reproduces_megatron_logits(tmp_path, family, kind):
+    hf_dir = build_hf_model(tmp_path / family, family)
+    out = run_local_workers(_reference_worker, 1, str(hf_dir), timeout_s=600)[0]
+    assert out["kind"] == kind
+    assert out["max_logit_diff"] < 1e-5

@@ -68,3 +68,37 @@ def test_bench_step_json_two_layouts(capsys):
     ratios = out["vespo_vs_grpo"]
     assert [o["layout"] for o in ratios] == ["tp1", "tp2"]
     assert all(_positive(o[k]) for o in ratios for k in ("step_ratio_median", "cpu_ratio_median", "peak_mib_ratio"))
+
+
+def test_length_distributions_parse_and_clip(tmp_path):
+    from vespo_megatron.bench.lengths import draw_lengths
+
+    drawn = draw_lengths("lognormal:median=200,sigma=1.0,min=16,max=2048", 4000, seed=1)
+    assert int(drawn.min()) >= 16 and int(drawn.max()) == 2048
+    assert 180 <= float(drawn.float().median()) <= 220
+    assert torch.equal(drawn, draw_lengths("lognormal:median=200,sigma=1.0,min=16,max=2048", 4000, seed=1))
+    uniform = draw_lengths("uniform:min=5,max=9", 100, seed=0)
+    assert set(uniform.tolist()) <= set(range(5, 10))
+    path = tmp_path / "lengths.jsonl"
+    path.write_text('12\n{"length": 30}\n')
+    assert draw_lengths(str(path), 3, seed=0).tolist() == [12, 30, 12]
+    for bad in ("lognormal:max=64", "lognormal:median=5,mean=6,max=9", "gamma:k=2", "uniform:min=9,max=5"):
+        with pytest.raises(ValueError, match="syntax"):
+            draw_lengths(bad, 4, seed=0)
+
+
+@pytest.mark.slow
+def test_bench_step_lengths_json_three_modes(capsys):
+    argv = ["bench", "step", str(CONFIG), "--lengths", "uniform:min=4,max=32", "--steps", "1", "--warmup", "0",
+            "--json", "train.global_batch_size=8", "loss.chunk_size=8"]
+    assert cli_main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = out["results"]
+    assert [r["mode"] for r in rows] == ["padded", "budget", "packed"]
+    for row in rows:
+        assert "skipped" not in row and "error" not in row, row
+        assert _positive(row["real_tokens_per_s"]) and _positive(row["peak_rss_mib"])
+        assert row["real_tokens"] == rows[0]["real_tokens"] <= row["processed_tokens"]
+    padded, budget, packed = rows
+    assert packed["padding_fraction"] == 0.0 < budget["padding_fraction"] < padded["padding_fraction"]
+    assert out["lengths"]["count"] == 8 and len(out["load_average"]) == 3

@@ -40,7 +40,8 @@ def _chain_worker(rank, world_size, overrides_):
     from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
     from vespo_megatron.rl.sampling import score
-    from vespo_megatron.rollout.generate import generate
+    from vespo_megatron.rollout.common import DecodeRequest
+    from vespo_megatron.rollout.recompute import generate
 
     trainer = run(load_config(CHAIN_CONFIG, overrides_))
     context = trainer.context
@@ -48,8 +49,9 @@ def _chain_worker(rank, world_size, overrides_):
     held_out = context.task.held_out(10_000)
     samples = held_out.prompts().next_batch(32)
     generated = generate(context.engine, [[tok.bos_id] + tok.encode(s.prompt) for s in samples],
-                         replace(cfg.rollout), seq_length=cfg.seq_length, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                         generator=torch.Generator().manual_seed(0), greedy=True, vocab_size=tok.vocab_size)
+                         DecodeRequest(replace(cfg.rollout), seq_length=cfg.seq_length, eos_id=tok.eos_id,
+                                       pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0), greedy=True,
+                                       vocab_size=tok.vocab_size))
     rewards = score(context.task, tok, generated, samples)
     return {"history": trainer.state.history, "eval_before": trainer.eval_before, "eval_after": trainer.eval_after,
             "held_out_split": held_out.split, "rewards": rewards.tolist(),

@@ -1,4 +1,4 @@
-"""The Megatron-Bridge import shim for machines without Transformer Engine (runtime/compat.py)."""
+"""The Megatron-Bridge import shim for machines without Transformer Engine (runtime/compat/bridge.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from vespo_megatron.runtime import compat
 def test_bridge_imports_without_te_and_te_stays_absent():
     if importlib.util.find_spec("transformer_engine") is not None:
         pytest.skip("Transformer Engine is installed: the shim is never active")
-    from vespo_megatron.models.hf import _auto_bridge_class
+    from vespo_megatron.models.hf import auto_bridge_class
 
-    assert _auto_bridge_class().__name__ == "AutoBridge"
+    assert auto_bridge_class().__name__ == "AutoBridge"
     lora_layers = sys.modules["megatron.bridge.peft.lora_layers"]
     assert "transformer_engine" not in sys.modules  # guarded imports elsewhere still see no TE
     assert not isinstance(object(), lora_layers.te.Linear)

@@ -34,7 +34,17 @@ SHIPPED = {
 MOE = ["model.num_experts=4", "model.moe_ffn_hidden_size=32"]
 
 # (overrides, world size, substrings the message must contain)
+BUDGET = ["train.max_tokens_per_microbatch=64"]
+
 INVALID = {
+    "packing_with_cp": (BUDGET + ["train.pack_sequences=true", "parallel.cp=2"], 2,
+                        ["train.pack_sequences=true", "parallel.cp=2", "pack_sequences=false"]),
+    "budget_with_routing_replay": (BUDGET + MOE + ["rollout.routing_replay=true"], 1,
+                                   ["rollout.routing_replay=true", "max_tokens_per_microbatch=null"]),
+    "budget_pp_allgather": (BUDGET + MOE + ["parallel.pp=2", "model.moe_token_dispatcher=allgather"], 2,
+                            ["variable_seq_lengths", "moe_token_dispatcher=alltoall"]),
+    "budget_with_vpp": (BUDGET + ["model.num_layers=4", "parallel.pp=2", "parallel.vpp=2"], 2,
+                        ["parallel.vpp=2", "variable_seq_lengths", "parallel.vpp=null"]),
     "world_vs_tp_pp_cp": (["parallel.tp=2", "parallel.pp=2"], 6, ["world size 6", "tp*pp*cp = 2*2*1 = 4"]),
     "world_vs_cp": (["parallel.cp=4", "train.global_batch_size=2", "train.micro_batch_size=1"], 6,
                     ["world size 6", "= 4"]),
@@ -112,6 +122,9 @@ INVALID_ON_LOAD = {
     "lr_nonpositive": (["optimizer.lr=0"], ["optimizer.lr=0"]),
     "micro_batch_zero": (["train.micro_batch_size=0"], ["train.micro_batch_size=0"]),
     "keep_last_zero": (["checkpoint.keep_last=0"], ["checkpoint.keep_last=0"]),
+    "token_budget_zero": (["train.max_tokens_per_microbatch=0"], ["train.max_tokens_per_microbatch=0", ">= 1"]),
+    "packing_without_budget": (["train.pack_sequences=true"], ["train.pack_sequences=true",
+                                                               "train.max_tokens_per_microbatch"]),
 }
 
 VALID = {
@@ -130,6 +143,10 @@ VALID = {
     "moe_pp2_ep2": (MOE + ["parallel.pp=2", "parallel.ep=2", "train.global_batch_size=4"], 4),
     "moe_shared_expert": (MOE + ["model.moe_shared_expert_intermediate_size=32", "parallel.ep=2"], 2),
     "explicit_train_seq": (["train.seq_length=32", "parallel.cp=2"], 2),
+    "budget_cp2_padded": (BUDGET + ["parallel.cp=2"], 2),
+    "budget_packed_tp2_sp_pp2": (BUDGET + ["train.pack_sequences=true", "model.num_layers=4", "parallel.tp=2",
+                                           "parallel.sequence_parallel=true", "parallel.pp=2"], 4),
+    "budget_ignores_micro_batch_size": (BUDGET + ["train.micro_batch_size=3", "train.global_batch_size=3"], 1),
 }
 
 

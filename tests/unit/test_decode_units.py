@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vespo_megatron.models.routing import RoutingMode, _LayerRouting, index_dtype, unrouted
-from vespo_megatron.rollout.generate import check_prompts, draw_uniforms, hits_stop
+from vespo_megatron.rollout.common import check_prompts, draw_uniforms, hits_stop
 from vespo_megatron.rollout.sampling import inverse_cdf_sample, sample_next_tokens
 
 # ------------------------------------------------------------------------------------------ sampling

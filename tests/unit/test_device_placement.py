@@ -13,7 +13,7 @@ import torch.distributed as dist
 from vespo_megatron.rl.batch import segment_ids
 from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.train.batches import batch_to_device
-from vespo_megatron.train.megatron_loss import model_device
+from vespo_megatron.models.gpt import model_device
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 from vespo_megatron import estimates
 from vespo_megatron.check_config import EXIT_INVALID, EXIT_OUT_OF_MEMORY, main as check_config_main
-from vespo_megatron.config import Config, ParallelConfig, load_config
+from vespo_megatron.config import Config, ConfigError, ParallelConfig, load_config
 from vespo_megatron.layout import GROUP_NAMES, build_layout, grid_groups
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,6 +152,59 @@ def test_activation_formula_dense_small():
     s, h, f = 64, 64, 192
     expected = 4 * s * h + s * h * 3 + s * h + s * f * 3  # norms, Q/K/V, attention output, SwiGLU MLP
     assert estimates.activation_elements_per_layer(config) == expected
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+def test_30b_rollout_includes_the_kv_cache_and_fits_only_micro_batched():
+    path = CONFIGS / "qwen3_30b_a3b_moe.yaml"
+    per_sequence = 48 * 8192 * (4 // 2) * 128 * 2 * 2  # layers x positions x KV heads per TP rank x d x K,V x bf16
+    assert estimates.kv_cache_bytes_per_sequence(load_config(path)) == per_sequence == 0.375 * estimates.GIB
+    batched = _peak([], 32, path)  # the config decodes 64 of each rank's 128 sequences at a time
+    assert batched.rollout_batch == 64 and batched.kv_cache == 64 * per_sequence
+    assert batched.peak_phase == "rollout" and batched.rollout > batched.training
+    assert batched.rollout == batched.resident + batched.kv_cache + batched.rollout_transient
+    assert batched.total < 80 * estimates.GIB - 2 * estimates.GIB  # with check-config's 2 GiB overhead
+    whole = _peak(["rollout.max_batch_sequences=null"], 32, path)  # today's one batch of 128
+    assert whole.rollout_batch == 128 and whole.kv_cache == 48 * estimates.GIB
+    assert whole.total > 80 * estimates.GIB
+    assert whole.training == batched.training  # training is not affected
+
+
+def test_check_config_refuses_a_rollout_that_does_not_fit_and_proposes_the_batch(capsys):
+    argv = [str(CONFIGS / "qwen3_30b_a3b_moe.yaml"), "--nodes", "4", "--gpus-per-node", "8",
+            "rollout.max_batch_sequences=null"]
+    assert check_config_main(argv) == EXIT_OUT_OF_MEMORY
+    captured = capsys.readouterr()
+    assert "(rollout) DOES NOT FIT" in captured.out
+    error = captured.err.strip()
+    assert "\n" not in error and error.startswith("error: the estimated peak")
+    assert "KV cache 48.00 GiB for 128 sequences" in error and "set rollout.max_batch_sequences=" in error
+    proposed = int(error.rsplit("rollout.max_batch_sequences=", 1)[1].split()[0])
+    assert 64 <= proposed < 128
+    assert check_config_main(argv[:-1] + [f"rollout.max_batch_sequences={proposed}"]) == 0
+    assert check_config_main(argv[:-1] + [f"rollout.max_batch_sequences={proposed + 1}"]) == EXIT_OUT_OF_MEMORY
+    capsys.readouterr()
+    assert check_config_main(argv[:-1] + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["peak_phase"] == "rollout" and report["rollout_batch_sequences"] == 64
+    assert report["memory_gib"][0]["kv_cache"] == 24.0
+
+
+def test_rollout_workers_leave_the_trainer_ranks_without_a_rollout_phase():
+    config = load_config(CONFIGS / "tiny_dense_cpu.yaml", ["parallel.rollout_ranks=2"])
+    peak = estimates.peak_memory(estimates.estimate_memory(config, 6, 100, overhead_gb=0))
+    assert peak.rollout_batch == 0 and peak.kv_cache == 0 and peak.total == peak.training
+
+
+def test_rollout_batch_size_is_validated():
+    with pytest.raises(ConfigError, match=r"rollout.max_batch_sequences=0 must be >= 1 \(null decodes one batch\)"):
+        load_config(None, ["rollout.max_batch_sequences=0"])
+
+
+def test_logit_chunk_rows_agree_with_the_decoder():
+    from vespo_megatron.rollout.common import LOGIT_CHUNK_ROWS
+
+    assert estimates.LOGIT_CHUNK_ROWS == LOGIT_CHUNK_ROWS
 
 
 # ------------------------------------------------------------------------------------------------ comm

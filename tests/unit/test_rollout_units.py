@@ -14,10 +14,41 @@ import torch
 
 from vespo_megatron.rl.advantages import group_advantages, informative_groups
 from vespo_megatron.rl.batch import Rollout, micro_batches, segment_ids
+from vespo_megatron.rollout.common import Generated, concat_generated, shard_logits
 from vespo_megatron.rollout.external import ExternalRollouts
 from vespo_megatron.rollout.sampling import filter_top_k_top_p, sample_next_tokens
 
 NO_CP = SimpleNamespace(cp=1, cp_rank=0)
+
+
+# ------------------------------------------------------------------------------------ decoder logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 100, 4096])
+def test_shard_logits_equal_the_fp32_copy_of_the_whole_shard(dtype, chunk_rows):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 48, generator=gen).to(dtype)
+    weight = torch.randn(100, 48, generator=gen).to(dtype)
+    expected = hidden.float() @ weight.float().t()  # the decoders' former formula
+    got = shard_logits(hidden, weight, chunk_rows)
+    assert got.dtype == torch.float32 and got.shape == (5, 100)
+    if dtype == torch.float32:  # an fp32 weight is used as it is: today's product exactly
+        assert torch.equal(got, expected)
+    else:  # bf16 rows converted chunk by chunk: the same fp32 products up to summation order
+        assert float(((got - expected).abs() / expected.abs().clamp(min=1.0)).max()) <= 1e-6
+
+
+def test_concat_generated_keeps_row_order_and_the_largest_cache():
+    def part(rows, bytes_):
+        return Generated(sequences=torch.full((rows, 4), rows), prompt_lengths=torch.ones(rows, dtype=torch.long),
+                         response_lengths=torch.arange(rows), sampler_logprobs=torch.zeros(rows, 4),
+                         kv_cache_bytes=bytes_)
+
+    merged = concat_generated([part(2, 10), part(3, 30), part(0, 0)])
+    assert merged.sequences[:, 0].tolist() == [2, 2, 3, 3, 3]
+    assert merged.response_lengths.tolist() == [0, 1, 0, 1, 2]
+    assert merged.kv_cache_bytes == 30 and merged.routing_indices is None and merged.token_versions is None
 
 
 # ------------------------------------------------------------------------------------ sampling filters

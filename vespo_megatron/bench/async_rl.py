@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from vespo_megatron.config import load_config
+from vespo_megatron.run_config import load_run_config
 from vespo_megatron.runtime.local_workers import run_local_workers
 
 
 def _run(rank, world_size, config_path, overrides):
     from vespo_megatron.rl.loop import run
 
-    run(load_config(config_path, overrides))
+    run(load_run_config(config_path, overrides))
 
 
 def _figures(run_dir: Path, warmup: int, num_minibatches: int) -> dict[str, float]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup,
                         "loadavg_before": list(os.getloadavg()), "torch_threads": torch.get_num_threads()}
         for mode, overrides in runs.items():
-            config = load_config(args.config, overrides)
+            config = load_run_config(args.config, overrides)
             run_local_workers(_run, procs[mode], args.config, overrides, timeout_s=3600)
             figures = _figures(Path(tmp) / mode, args.warmup, config.rl.num_minibatches)
             figures["overrides"] = overrides[len(common):-1]

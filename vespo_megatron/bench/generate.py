@@ -7,17 +7,18 @@ stop token is disabled so every sequence runs to the end), greedily, three ways:
 
 * ``kv``: :func:`vespo_megatron.rollout.decode.decode` (prefill, then one token per step over
   megatron-core's static KV cache);
-* ``recompute``: :func:`vespo_megatron.rollout.generate.generate`, which runs the whole padded context
+* ``recompute``: :func:`vespo_megatron.rollout.recompute.generate`, which runs the whole padded context
   every step. Its step costs the same at every position (it always runs all L positions), so
   ``--recompute-steps`` steps give its rate without decoding the whole context (0 skips it: null);
-* ``hf``: ``transformers``' ``generate`` (KV cache) on a ``LlamaForCausalLM`` of the same shape holding
-  the same weights, copied from the Megatron model (dense models with RMSNorm, SwiGLU, RoPE, no biases;
-  otherwise null). ``hf_max_logit_diff`` (prompt logits of the two models) and ``hf_same_tokens``
-  (greedy continuations equal) show the copy is faithful.
+* ``hf``: ``transformers``' ``generate`` (KV cache) on the transformers model of the same family holding the
+  same weights, exported from the Megatron model by Megatron-Bridge (any family the bridge converts, in the
+  model's dtype: ``model.hf_path``'s family, or for a model built from the YAML shape Llama, Qwen3 with QK
+  norm, Qwen3-MoE with experts; null when the bridge has none). ``hf_max_logit_diff`` (prompt logits of the
+  two models) and ``hf_same_tokens`` (greedy continuations equal) show the export is faithful.
 
 With ``--engines megatron,vllm,hf`` the same prompts and lengths give one row per engine instead,
 ``{"engine", "length", "batch", "tokens_per_s", "max_logprob_diff_vs_trainer", ...}``: ``megatron`` is the KV
-decoder above, ``hf`` the transformers copy, ``vllm`` a local vLLM server (``rollout.vllm`` settings; needs
+decoder above, ``hf`` the transformers reference, ``vllm`` a local vLLM server (``rollout.vllm`` settings; needs
 ``model.hf_path`` and the engine of ``bash launch/setup_env.sh vllm``) that first receives the trainer's weights
 through the same push as ``rollout.engine=vllm``. ``max_logprob_diff_vs_trainer`` is the largest gap between an
 engine's own per-token log-probs of its greedy tokens and the trainer's forward on those tokens;
@@ -41,7 +42,10 @@ import time
 from pathlib import Path
 
 import torch
+from megatron.core.inference.contexts import StaticInferenceContext
 
+from vespo_megatron.rollout.forward import PipelineForward, inference_mode, last_token_logits
+from vespo_megatron.run_config import load_run_config
 from vespo_megatron.runtime.local_workers import run_local_workers
 
 MIB = 1024**2
@@ -69,67 +73,96 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # ru_maxrss is KiB on Linux
 
 
-def hf_llama_copy(engine, config):
-    """A ``LlamaForCausalLM`` with the Megatron model's shapes and weights (one rank), or None if unsupported."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _family_config(model):
+    """A default transformers config of the family whose layer layout ``model`` (our YAML shape) has."""
+    import transformers
 
-    from vespo_megatron.models.gpt import unwrap
+    if model.is_moe:
+        return transformers.Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"])
+    if model.qk_layernorm:
+        return transformers.Qwen3Config(architectures=["Qwen3ForCausalLM"])
+    return transformers.LlamaConfig(architectures=["LlamaForCausalLM"])
 
+
+def reference_hf_config(engine, config):
+    """The transformers config of the HF reference: ``model.hf_path``'s, or, for a model built from the YAML
+    shape, the one Megatron-Bridge's own Megatron->HF config mapping gives for the layout's family; either way
+    with Megatron's padded vocabulary (the decoders here pick over all of it). None when the bridge has no
+    family for it."""
+    from vespo_megatron.models.hf import auto_bridge_class, hf_config
+
+    auto_bridge = auto_bridge_class()
     m = config.model
-    tconfig = engine.built.tconfig
-    if (m.is_moe or m.normalization != "RMSNorm" or not m.swiglu or m.position_embedding != "rope"
-            or m.add_bias_linear or m.qk_layernorm or m.dtype != "fp32"):
+    if m.hf_path is not None:
+        hf = hf_config(m.hf_path)
+    else:
+        family = _family_config(m)
+        if not auto_bridge.supports(family):
+            return None
+        # The bridge's provider type: our TransformerConfig plus the GPTModel arguments it holds.
+        from megatron.bridge.models.gpt_provider import GPTModelProvider  # loadable once the bridge is (above)
+
+        tconfig = engine.built.tconfig
+        provider = GPTModelProvider(
+            **{f.name: getattr(tconfig, f.name) for f in dataclasses.fields(tconfig) if f.init},
+            vocab_size=engine.built.padded_vocab_size, seq_length=m.max_seq_length, rotary_base=m.rotary_base,
+            share_embeddings_and_output_weights=m.tie_embeddings)
+        fields = auto_bridge.from_hf_config(family)._model_bridge.megatron_to_hf_config(provider)
+        hf = type(family)(**{k: v for k, v in fields.items() if k not in ("model_type", "torch_dtype")})
+    if not auto_bridge.supports(hf):
         return None
-    heads, groups, head_dim = tconfig.num_attention_heads, tconfig.num_query_groups, tconfig.kv_channels
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=engine.built.padded_vocab_size, hidden_size=tconfig.hidden_size,
-        intermediate_size=tconfig.ffn_hidden_size, num_hidden_layers=tconfig.num_layers,
-        num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim, rms_norm_eps=m.norm_epsilon,
-        max_position_embeddings=m.max_seq_length, tie_word_embeddings=m.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )).eval()
-    src = unwrap(engine.chunks[0])
-    per_group = heads // groups
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.copy_(src.embedding.word_embeddings.weight)
-        for ours, theirs in zip(src.decoder.layers, hf.model.layers):
-            qkv = ours.self_attention.linear_qkv.weight.view(groups, (per_group + 2) * head_dim, -1)
-            theirs.self_attn.q_proj.weight.copy_(qkv[:, : per_group * head_dim].reshape(-1, qkv.shape[-1]))
-            theirs.self_attn.k_proj.weight.copy_(
-                qkv[:, per_group * head_dim: (per_group + 1) * head_dim].reshape(-1, qkv.shape[-1]))
-            theirs.self_attn.v_proj.weight.copy_(qkv[:, (per_group + 1) * head_dim:].reshape(-1, qkv.shape[-1]))
-            theirs.self_attn.o_proj.weight.copy_(ours.self_attention.linear_proj.weight)
-            theirs.input_layernorm.weight.copy_(ours.input_layernorm.weight)
-            theirs.post_attention_layernorm.weight.copy_(ours.pre_mlp_layernorm.weight)
-            gate, up = ours.mlp.linear_fc1.weight.chunk(2, dim=0)
-            theirs.mlp.gate_proj.weight.copy_(gate)
-            theirs.mlp.up_proj.weight.copy_(up)
-            theirs.mlp.down_proj.weight.copy_(ours.mlp.linear_fc2.weight)
-        hf.model.norm.weight.copy_(src.decoder.final_layernorm.weight)
-        if not m.tie_embeddings:
-            hf.lm_head.weight.copy_(src.output_layer.weight)
+    hf.vocab_size = engine.built.padded_vocab_size
+    hf.bos_token_id = hf.eos_token_id = None
+    hf.pad_token_id = 0
     return hf
 
 
+def hf_reference(engine, config):
+    """transformers' model of the engine's family holding the engine's weights (one rank), or None.
+
+    The weights come from Megatron-Bridge's export (the bridge owns every name mapping and reshape: fused QKV,
+    gate/up, expert stacks), in the model's own dtype.
+    """
+    import transformers
+
+    from vespo_megatron.models.gpt import unwrap
+    from vespo_megatron.models.hf import auto_bridge_class
+
+    hf_config = reference_hf_config(engine, config)
+    if hf_config is None:
+        return None
+    dtype = engine.built.tconfig.params_dtype
+    bridge = auto_bridge_class().from_hf_config(hf_config)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+    weights = dict(bridge.export_hf_weights([unwrap(chunk) for chunk in engine.chunks], cpu=True,
+                                            show_progress=False, weight_dtype=dtype))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if hf_config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"the bridge's export does not fill {type(model).__name__}: missing {sorted(missing)}, "
+                           f"unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    return model
+
+
 def _measure(rank, world, config_path, overrides, length, batch, prompt_length, recompute_steps, with_hf):
-    from vespo_megatron.config import load_config
+    from vespo_megatron.rollout.common import DecodeRequest
     from vespo_megatron.rollout.decode import decode
-    from vespo_megatron.rollout.generate import generate
+    from vespo_megatron.rollout.recompute import generate
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.tokenizer import load_tokenizer
     from vespo_megatron.train.engine import build_engine
 
-    config = load_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
+    config = load_run_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
     vocab = config.model.vocab_size or load_tokenizer(config.task.tokenizer).vocab_size
     engine = build_engine(config, initialize(config), vocab_size=vocab)
     new_tokens = length - prompt_length
     prompts = torch.randint(3, vocab, (batch, prompt_length), generator=torch.Generator().manual_seed(0)).tolist()
     # Greedy over the whole padded vocabulary, as transformers' generate does.
-    common = dict(seq_length=length, eos_id=-1, pad_id=0, greedy=True, vocab_size=None)
-    settings = dataclasses.replace(config.rollout, max_new_tokens=new_tokens)
+    request = DecodeRequest(dataclasses.replace(config.rollout, max_new_tokens=new_tokens), seq_length=length,
+                            eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(1), greedy=True)
     with _Timer() as timer:
-        kv = decode(engine, prompts, settings, generator=torch.Generator().manual_seed(1), **common)
+        kv = decode(engine, prompts, request)
     row = {"length": length, "batch": batch, "prompt_length": prompt_length, "new_tokens": new_tokens,
            "kv_cache_bytes": kv.kv_cache_bytes, "peak_rss_mib": _peak_rss_mib()}
     row.update(timer.rates("kv", batch * new_tokens))
@@ -137,18 +170,19 @@ def _measure(rank, world, config_path, overrides, length, batch, prompt_length, 
     if recompute_steps > 0:
         steps = min(recompute_steps, new_tokens)
         with _Timer() as timer:
-            generate(engine, prompts, dataclasses.replace(settings, max_new_tokens=steps),
-                     generator=torch.Generator().manual_seed(1), **common)
+            generate(engine, prompts, dataclasses.replace(
+                request, settings=dataclasses.replace(request.settings, max_new_tokens=steps),
+                generator=torch.Generator().manual_seed(1)))
         row.update(timer.rates("recompute", batch * steps))
     row.update(hf_tokens_per_s=None, hf_tokens_per_cpu_s=None)
-    hf = hf_llama_copy(engine, config) if with_hf else None
+    hf = hf_reference(engine, config) if with_hf else None
     if hf is not None:
         device = engine.ctx.device
         hf = hf.to(device)
         ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
-            ours_hidden = _prompt_logits(engine, ids)
-            row["hf_max_logit_diff"] = float((hf(ids).logits[:, -1].float() - ours_hidden).abs().max())
+            ours = prompt_logits(engine, ids)
+            row["hf_max_logit_diff"] = float((hf(ids).logits[:, -1].float() - ours).abs().max())
             with _Timer() as timer:
                 out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0).cpu()
@@ -158,31 +192,23 @@ def _measure(rank, world, config_path, overrides, length, batch, prompt_length, 
     return row
 
 
-def _prompt_logits(engine, ids):
-    """Our model's last-position logits of the prompts (the HF copy must reproduce them)."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    from vespo_megatron.rollout.decode import PipelineRunner, inference_mode, last_token_logits
-
+def prompt_logits(engine, ids):
+    """Our model's last-position logits of the prompts (the HF reference must reproduce them)."""
     with inference_mode(engine):
         context = StaticInferenceContext(ids.shape[0], ids.shape[1])
         positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        hidden = PipelineRunner(engine).forward(ids, positions, context)
-        return last_token_logits(hidden, engine)
+        return last_token_logits(PipelineForward(engine)(ids, positions, context), engine)
 
 
 def trainer_token_logprobs(engine, sequences: torch.Tensor) -> torch.Tensor:
     """The trainer's log-prob of each of ``sequences[:, 1:]`` given the tokens before it (one rank), ``[b, s-1]``."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
     from vespo_megatron.models.gpt import unwrap
-    from vespo_megatron.rollout.decode import PipelineRunner, inference_mode
 
     ids = sequences.to(engine.ctx.device)
     with inference_mode(engine), torch.no_grad():
         context = StaticInferenceContext(ids.shape[0], ids.shape[1])
         positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
-        hidden = PipelineRunner(engine).forward(ids, positions, context)  # [s, b, h]
+        hidden = PipelineForward(engine)(ids, positions, context)  # [s, b, h]
         logits = hidden.float() @ unwrap(engine.chunks[-1]).output_weight().float().t()
     logprobs = torch.log_softmax(logits.transpose(0, 1).double(), dim=-1)[:, :-1]
     return logprobs.gather(-1, ids[:, 1:, None])[..., 0].cpu()
@@ -238,21 +264,21 @@ def _vllm_rows(engine, config, prompts, length, batch, prompt_length, megatron_t
 
 def _measure_engines(rank, world, config_path, overrides, length, batch, prompt_length, engines):
     """One row per engine in ``engines`` for context length ``length`` (one fresh worker process)."""
-    from vespo_megatron.config import load_config
+    from vespo_megatron.rollout.common import DecodeRequest
     from vespo_megatron.rollout.decode import decode
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.tokenizer import load_tokenizer
     from vespo_megatron.train.engine import build_engine
 
-    config = load_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
+    config = load_run_config(config_path, RESET + list(overrides) + [f"model.max_seq_length={length}"])
     vocab = config.model.vocab_size or load_tokenizer(config.task.tokenizer).vocab_size
     engine = build_engine(config, initialize(config), vocab_size=vocab)
     new_tokens = length - prompt_length
     prompts = torch.randint(3, vocab, (batch, prompt_length), generator=torch.Generator().manual_seed(0)).tolist()
     settings = dataclasses.replace(config.rollout, max_new_tokens=new_tokens, temperature=1.0)
     with _Timer() as timer:  # greedy over the whole (padded) vocabulary, as the trainer's softmax and generate
-        kv = decode(engine, prompts, settings, generator=torch.Generator().manual_seed(1), seq_length=length,
-                    eos_id=-1, pad_id=0, greedy=True, vocab_size=None)
+        kv = decode(engine, prompts, DecodeRequest(settings, seq_length=length, eos_id=-1, pad_id=0,
+                                                   generator=torch.Generator().manual_seed(1), greedy=True))
     megatron_tokens = kv.sequences[:, prompt_length:length]
     rows = []
     if "megatron" in engines:
@@ -262,10 +288,10 @@ def _measure_engines(rank, world, config_path, overrides, length, batch, prompt_
                    same_tokens_as_megatron=1.0, kv_cache_bytes=kv.kv_cache_bytes)
         rows.append(row)
     if "hf" in engines:
-        hf = hf_llama_copy(engine, config)
+        hf = hf_reference(engine, config)
         if hf is None:
             rows.append({"engine": "hf", "length": length, "batch": batch, "tokens_per_s": None,
-                         "max_logprob_diff_vs_trainer": None, "note": "no transformers copy of this model"})
+                         "max_logprob_diff_vs_trainer": None, "note": "no transformers model of this family in the bridge"})
         else:
             ids = torch.tensor(prompts)
             with torch.no_grad(), _Timer() as timer:
@@ -291,6 +317,7 @@ def format_engine_row(r: dict) -> str:
     gap = r["max_logprob_diff_vs_trainer"]
     return (f"{r['engine']:<9} L={r['length']:<6} B={r['batch']:<4} {r['tokens_per_s']:10.1f} tok/s  "
             f"max |logprob - trainer| {gap:.1e}  same tokens as megatron {r['same_tokens_as_megatron']:.3f}")
+
 
 
 def format_row(r: dict) -> str:

@@ -18,6 +18,13 @@ forward-backward / optimizer split from ``StepResult.seconds`` (each the slowest
 median over the timed steps; tokens per second = ``global_batch_size * seq_length`` / mean step time;
 CPU seconds per step summed over ranks (``time.process_time``), which other load on a shared machine
 disturbs far less than wall time.
+
+With ``--lengths DIST`` (:mod:`vespo_megatron.bench.lengths`) the RL update runs on sequences of the drawn
+lengths in three modes, one after another per layout: ``padded`` (fixed micro-batches padded to the longest
+length), ``budget`` (token-budget micro-batches padded to their longest sequence) and ``packed`` (the same
+budget, sequences concatenated); each row adds ``real_tokens_per_s`` (prompt + response - 1 input positions
+per sequence over the mean step time), ``padding_fraction`` (the share of processed positions that are
+padding), ``peak_rss_mib`` (the largest rank's peak) and ``micro_batches``.
 Memory per rank: on CPU the peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in the
 worker after the last step) minus the worker's RSS just before the model is built (imports and process
 groups excluded; weights, gradients, optimizer state, activations, communication buffers included);
@@ -29,13 +36,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import time
+from typing import Optional
 
 import torch
 
-from vespo_megatron.config import ConfigError, load_config, validate
+from vespo_megatron.bench.lengths import SYNTAX, draw_lengths
+from vespo_megatron.config import ConfigError, validate
+from vespo_megatron.run_config import load_run_config
 from vespo_megatron.runtime.local_workers import WorkerError, run_local_workers
 
 MIB = 1024**2
@@ -116,8 +127,12 @@ def sft_micro_batches(config, ctx, vocab_size: int, seed: int) -> list[dict]:
             for rows in mine.split(train.micro_batch_size)]
 
 
-def synthetic_rollout(config, ctx, vocab_size: int, seed: int):
-    """This DP rank's share of a random rollout: prompts of seq/4 tokens, responses of seq/4..3seq/4."""
+def synthetic_rollout(config, ctx, vocab_size: int, seed: int, lengths: Optional[torch.Tensor] = None):
+    """This DP rank's share of a random rollout: prompts of seq/4 tokens, responses of seq/4..3seq/4.
+
+    With ``lengths`` ([global_batch_size] whole-sequence lengths, ``--lengths``) each sequence has a prompt
+    of ``min(16, length // 2)`` tokens and the rest as its response.
+    """
     from vespo_megatron.rl.batch import Rollout
     from vespo_megatron.runtime.collectives import data_parallel_rows
 
@@ -127,6 +142,9 @@ def synthetic_rollout(config, ctx, vocab_size: int, seed: int):
     sequences = torch.randint(0, vocab_size, (n, seq + 1), generator=gen)
     response = torch.randint(max(seq // 4, 1), seq - prompt + 1, (n,), generator=gen)
     prompt_lengths = torch.full((n,), prompt)
+    if lengths is not None:
+        prompt_lengths = (lengths // 2).clamp(max=16)
+        response = lengths - prompt_lengths
     sampler = -2.0 * torch.rand(n, seq + 1, generator=gen)
     advantages = torch.randn(n, generator=gen)
     rows = data_parallel_rows(n, ctx.dp, ctx.dp_rank)
@@ -142,18 +160,18 @@ def _loss_overrides(loss: str) -> list[str]:
     return [] if loss == "sft" else [f"loss.name={loss}", "rl.num_minibatches=1"]
 
 
-def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_size, seed):
+def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_size, seed, lengths=None):
     import torch.distributed as dist
 
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
-    config = load_config(config_path, overrides + _loss_overrides(loss))
+    config = load_run_config(config_path, overrides + _loss_overrides(loss))
     ctx = initialize(config)
     probe = MemoryProbe()
     probe.start()
     engine = build_engine(config, ctx, vocab_size=vocab_size)
-    old_logprob_seconds = None
+    old_logprob_seconds, positions = None, None
     if loss == "sft":
         from vespo_megatron.train.sft import sft_loss_head
 
@@ -162,10 +180,14 @@ def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_
         def one_step(index):
             return [engine.train_step(micro, sft_loss_head)]
     else:
+        from vespo_megatron.rl.batch import config_micro_batches, input_positions
         from vespo_megatron.rl.behaviour import compute_old_logprobs
         from vespo_megatron.rl.step import train_on_rollout
 
-        rollout = synthetic_rollout(config, ctx, vocab_size, seed)
+        rollout = synthetic_rollout(config, ctx, vocab_size, seed, lengths)
+        shapes = [b["tokens"].numel() for b in config_micro_batches(config, rollout, torch.arange(rollout.size), ctx)]
+        positions = dict(real=int(input_positions(rollout).sum()), processed=sum(shapes) * ctx.cp,
+                         micro_batches=len(shapes))
         dist.barrier()
         started = time.perf_counter()
         compute_old_logprobs(config, engine, rollout)
@@ -190,7 +212,8 @@ def step_worker(rank, world, config_path, overrides, loss, warmup, steps, vocab_
                 optimizer=sum(r.seconds["optimizer"] for r in results),
             ))
     metrics = {k: v for k, v in last.metrics.items() if math.isfinite(v)}
-    return dict(
+    return dict(positions=positions,
+                primary=ctx.tp_rank == 0 and ctx.cp_rank == 0 and ctx.pp_rank == 0,
         rank=rank, timings=timings, peak_bytes=probe.peak_bytes(), memory_method=probe.method,
         old_logprob_seconds=old_logprob_seconds, params_local=engine.num_parameters_local,
         grad_norm=last.grad_norm, metrics=metrics, ctx=dict(tp=ctx.tp, pp=ctx.pp, cp=ctx.cp, ep=ctx.ep, dp=ctx.dp),
@@ -227,11 +250,14 @@ def summarise(per_rank: list[dict], tokens_per_step: int) -> dict:
     return out
 
 
-def run_layout(args, name: str, loss: str) -> dict:
+def run_layout(args, name: str, loss: str, mode: Optional[str] = None, lengths: Optional[torch.Tensor] = None) -> dict:
+    """One (layout, loss) row; with ``mode`` (``--lengths``) one of :data:`LENGTH_MODES` on ``lengths``."""
     layout_overrides, world = LAYOUTS[name]
-    overrides = RESET + list(args.overrides) + layout_overrides
+    overrides = RESET + list(args.overrides) + layout_overrides + (mode_overrides(args, mode, lengths) if mode else [])
     row = dict(layout=name, loss=loss, world=world, overrides=layout_overrides)
-    config = load_config(args.config, overrides + _loss_overrides(loss))
+    if mode:
+        row["mode"] = mode
+    config = load_run_config(args.config, overrides + _loss_overrides(loss))
     try:
         validate(config, world)
     except ConfigError as error:
@@ -241,14 +267,44 @@ def run_layout(args, name: str, loss: str) -> dict:
     threads = max(1, args.threads // world)
     try:
         per_rank = run_local_workers(
-            step_worker, world, args.config, overrides, loss, args.warmup, args.steps, vocab_size, args.seed,
+            step_worker, world, args.config, overrides, loss, args.warmup, args.steps, vocab_size, args.seed, lengths,
             timeout_s=args.timeout, threads_per_worker=threads,
         )
     except WorkerError as error:  # one broken layout must not lose the figures of the others
         row["error"] = str(error).strip().splitlines()[-1]
         return row
     row.update(threads_per_rank=threads, **summarise(per_rank, config.train.global_batch_size * config.seq_length))
+    if mode:
+        row.update(length_figures(per_rank, row))
     return row
+
+
+# ----------------------------------------------------------------------------- --lengths: the three modes
+LENGTH_MODES = ("padded", "budget", "packed")
+"""``padded``: train.micro_batch_size sequences per micro-batch, each padded to the longest length drawn
+(rounded up to a multiple of 8);
+``budget``: train.max_tokens_per_microbatch bins, each padded to its longest sequence; ``packed``: the same
+budget, sequences concatenated without padding."""
+
+
+def mode_overrides(args, mode: str, lengths: torch.Tensor) -> list[str]:
+    """Config overrides of one ``--lengths`` mode: the sequence length the draws need, and the batching."""
+    longest = -(-int(lengths.max()) // 8) * 8  # a sequence length every layout's split divides (tp, 2*cp)
+    common = [f"model.max_seq_length={longest}", f"train.seq_length={longest}", "rl.num_minibatches=1"]
+    if mode == "padded":
+        return common
+    budget = args.max_tokens or load_run_config(args.config, list(args.overrides)).train.micro_batch_size * longest
+    return common + [f"train.max_tokens_per_microbatch={budget}", f"train.pack_sequences={str(mode == 'packed').lower()}"]
+
+
+def length_figures(per_rank: list[dict], row: dict) -> dict:
+    """Real (non-padding) tokens per second of the update, the padding share, peak memory, micro-batches."""
+    replicas = [r["positions"] for r in per_rank if r["primary"]]  # one rank per data-parallel replica
+    real = sum(p["real"] for p in replicas)
+    processed = sum(p["processed"] for p in replicas)
+    return dict(real_tokens=real, processed_tokens=processed, padding_fraction=1 - real / max(processed, 1),
+                real_tokens_per_s=real / row["step_seconds"]["mean"], peak_rss_mib=max(row["peak_mib_per_rank"]),
+                micro_batches=replicas[0]["micro_batches"])
 
 
 def _tokenizer_vocab(config) -> int:
@@ -305,6 +361,14 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a layout's workers are killed")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--lengths", default=None, metavar="DIST",
+                        help="compare one RL update padded vs token-budget vs packed on global_batch_size sequences "
+                             f"whose lengths come from DIST: {SYNTAX}. E.g. lognormal:median=200,max=2048. Figures: "
+                             "real (non-padding) tokens/s, padding_fraction, peak_rss_mib per mode; default layout "
+                             "tp1, default loss vespo")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="T",
+                        help="with --lengths: train.max_tokens_per_microbatch of the budget and packed modes "
+                             "(default micro_batch_size x the longest length: the padded micro-batch's positions)")
     args = parser.parse_intermixed_args(argv)
     unknown = [name for name in args.layouts or [] if name not in LAYOUTS]
     if unknown:
@@ -314,6 +378,14 @@ def parse_args(argv):
         parser.error(f"unknown losses {bad}; choose from sft, {', '.join(RL_LOSSES)}")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.lengths is not None:
+        if args.loss == ["sft"]:
+            args.loss = ["vespo"]
+        if "sft" in args.loss:
+            parser.error("--lengths compares RL updates; drop sft from --loss")
+        args.layouts = args.layouts or ["tp1"]
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error("--max-tokens must be >= 1")
     return args
 
 
@@ -328,9 +400,11 @@ def _import_before_fork() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _import_before_fork()
-    base = load_config(args.config, RESET + list(args.overrides))
+    base = load_run_config(args.config, RESET + list(args.overrides))
     if args.layouts is None:
         args.layouts = MOE_DEFAULT if base.model.is_moe else DENSE_DEFAULT
+    if args.lengths is not None:
+        return length_main(args, base)
     rows = []
     for name in args.layouts:
         for loss in args.loss:  # losses adjacent in time per layout, so machine load hits them alike
@@ -354,6 +428,35 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def length_main(args, base) -> int:
+    """``--lengths``: each layout and loss in the three :data:`LENGTH_MODES`, adjacent in time, same lengths."""
+    lengths = draw_lengths(args.lengths, base.train.global_batch_size, args.seed)
+    rows = []
+    for name in args.layouts:
+        for loss in args.loss:
+            for mode in LENGTH_MODES:
+                row = run_layout(args, name, loss, mode, lengths)
+                rows.append(row)
+                if not args.json:
+                    print(format_length_row(row), flush=True)
+    result = dict(args=vars(args), lengths=dict(count=len(lengths), min=int(lengths.min()), max=int(lengths.max()),
+                                                median=float(lengths.float().median()), total=int(lengths.sum())),
+                  load_average=list(os.getloadavg()), device="cuda" if torch.cuda.is_available() else "cpu",
+                  results=rows)
+    print(json.dumps(result) if args.json else f"lengths {result['lengths']}, load average {result['load_average']}")
+    return 0
+
+
+def format_length_row(r: dict) -> str:
+    """One table line of a ``--lengths`` row (or why it was skipped or failed)."""
+    head = f"{r['layout']:<8} {r['loss']:<6} {r['mode']:<7}"
+    if "skipped" in r or "error" in r:
+        return f"{head}  {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped') or r['error']}"
+    return (f"{head}  {r['real_tokens_per_s']:8.0f} real tok/s  padding {r['padding_fraction']:6.1%}  "
+            f"{r['micro_batches']:3d} micro-batches  step {r['step_seconds']['median']:7.2f}s  "
+            f"peak {r['peak_rss_mib']:7.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,14 @@ milliseconds with a message that names the fields, their values and a fix, inste
 """
 
 from vespo_megatron.config.errors import ConfigError
-from vespo_megatron.config.loading import config_from_dict, config_to_dict, load_config, parse_overrides
+from vespo_megatron.config.loading import (
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    load_config_data,
+    merge_config_data,
+    parse_overrides,
+)
 from vespo_megatron.config.model import ModelConfig
 from vespo_megatron.config.parallel import ParallelConfig
 from vespo_megatron.config.rl import LossConfig, RLConfig, RolloutConfig, TaskConfig
@@ -19,5 +26,5 @@ from vespo_megatron.config.validate import validate
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "LoggingConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
     "ParallelConfig", "RLConfig", "RolloutConfig", "TaskConfig", "TrainConfig", "config_from_dict",
-    "config_to_dict", "load_config", "parse_overrides", "validate",
+    "config_to_dict", "load_config", "load_config_data", "merge_config_data", "parse_overrides", "validate",
 ]  # fmt: skip

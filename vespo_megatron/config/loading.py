@@ -1,4 +1,9 @@
-"""YAML loading, ``section.key=value`` overrides and type coercion."""
+"""YAML loading, ``section.key=value`` overrides and type coercion.
+
+Pure: nothing here reads a model file. A config naming ``model.hf_path`` gets its model shapes in a
+separate step (:func:`vespo_megatron.models.hf.resolve_hf_model`; entry points call
+:func:`vespo_megatron.run_config.load_run_config`, which does both).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
-from vespo_megatron.config.errors import ConfigError, _require
+from vespo_megatron.config.errors import ConfigError, require
 from vespo_megatron.config.run import Config
 
 
@@ -21,16 +26,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if origin is Literal:
         allowed = get_args(annotation)
-        _require(value in allowed, f"{where}={value!r} is not one of {list(allowed)}")
+        require(value in allowed, f"{where}={value!r} is not one of {list(allowed)}")
         return value
     if dataclasses.is_dataclass(annotation):
-        _require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
+        require(isinstance(value, dict), f"{where} must be a mapping, got {value!r}")
         return _build(annotation, value, where)
     if annotation is bool:
-        _require(isinstance(value, bool), f"{where}={value!r} must be true or false")
+        require(isinstance(value, bool), f"{where}={value!r} must be true or false")
         return value
     if annotation is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer")
+        require(isinstance(value, int) and not isinstance(value, bool), f"{where}={value!r} must be an integer")
         return value
     if annotation is float:
         # YAML 1.1 reads exponents without a dot (1e-6, 3e-4) as strings; accept them as numbers.
@@ -39,12 +44,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _require(
+        require(
             isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}={value!r} must be a number"
         )
         return float(value)
     if annotation is str:
-        _require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string")
+        require(isinstance(value, (str, int, float)), f"{where}={value!r} must be a string")
         return str(value)
     return value
 
@@ -54,7 +59,7 @@ def _build(cls: type, data: dict, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     prefix = f"{where}." if where else ""
-    _require(not unknown, f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(names)}")
+    require(not unknown, f"unknown key(s) {[prefix + k for k in unknown]}; valid keys: {sorted(names)}")
     kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
     try:
         return cls(**kwargs)
@@ -65,16 +70,10 @@ def _build(cls: type, data: dict, where: str) -> Any:
 def config_from_dict(data: dict) -> Config:
     """Build a :class:`Config` from nested plain data (unknown keys and wrong types are errors).
 
-    With ``model.hf_path`` set, the model shapes come from that HF folder's config.json
-    (:func:`vespo_megatron.models.hf.resolve_model_config`); shape keys given here must agree with it.
+    ``model.hf_path`` is kept as given; the shapes it implies are filled in by
+    :func:`vespo_megatron.models.hf.resolve_hf_model`.
     """
-    config = _build(Config, data or {}, "")
-    if config.model.hf_path:
-        from vespo_megatron.models.hf import resolve_model_config
-
-        given = (data or {}).get("model") or {}
-        config.model = resolve_model_config(config.model, given_keys=set(given))
-    return config
+    return _build(Config, data or {}, "")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -82,12 +81,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     nested: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        _require(bool(sep) and bool(key), f"override {item!r} must look like section.key=value")
+        require(bool(sep) and bool(key), f"override {item!r} must look like section.key=value")
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-            _require(isinstance(node, dict), f"override {item!r} conflicts with another override")
+            require(isinstance(node, dict), f"override {item!r} conflicts with another override")
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
@@ -97,11 +96,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_config_data(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` laid over it, mapping by mapping (a new dict; neither input changes)."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_config_data(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -121,16 +121,25 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: YAML error ({err}); fix the file") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+def load_config_data(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """The nested plain data of a YAML config (``{}`` when ``path`` is None) with the overrides laid over it."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         data = _read_yaml(path)
-        _require(isinstance(data, dict), f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+        require(isinstance(data, dict), f"{path}: the top level must be a mapping of sections")
+    return merge_config_data(data, parse_overrides(overrides or []))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides.
+
+    Reads no model files: with ``model.hf_path`` set, the model section is as written until
+    :func:`vespo_megatron.run_config.load_run_config` (or ``models.hf.resolve_hf_model``) resolves it.
+    """
+    return config_from_dict(load_config_data(path, overrides))
 
 
 def config_to_dict(config: Config) -> dict:

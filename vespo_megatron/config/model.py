@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from vespo_megatron.config.errors import _divisors, _require
+from vespo_megatron.config.errors import divisors, require
 
 
 @dataclass(kw_only=True)
@@ -45,6 +45,10 @@ class ModelConfig:
     """Rotary or learned absolute positions."""
     rotary_base: int = 10000
     """RoPE base frequency."""
+    rope_scaling_factor: Optional[float] = None
+    """Llama 3.1/3.2/3.3 ('llama3') RoPE scaling: the factor (8 for Llama 3.1, 32 for Llama 3.2) by which
+    Megatron-Core divides the low-frequency bands, with its fixed low/high frequency factors 1 and 4 and original
+    context 8192 (the Llama values); null: none. Derived from model.hf_path for imported models."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
     add_bias_linear: bool = False
@@ -75,44 +79,48 @@ class ModelConfig:
     """Grouped GEMM experts (needs bf16)."""
 
     def __post_init__(self) -> None:
+        require(self.rope_scaling_factor is None or (self.rope_scaling_factor >= 1
+                                                     and self.position_embedding == "rope"),
+                f"model.rope_scaling_factor={self.rope_scaling_factor} needs model.position_embedding=rope and a "
+                "factor >= 1 (null: no scaling)")
         for name in (
             "num_layers", "hidden_size", "num_attention_heads", "max_seq_length", "make_vocab_size_divisible_by"
         ):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"model.{name}={value!r} must be an integer >= 1")
-        _require(
+            require(isinstance(value, int) and value >= 1, f"model.{name}={value!r} must be an integer >= 1")
+        require(
             self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
             f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
-            f"{self.num_attention_heads}; set model.kv_channels or pick heads in {_divisors(self.hidden_size)}",
+            f"{self.num_attention_heads}; set model.kv_channels or pick heads in {divisors(self.hidden_size)}",
         )
         groups = self.query_groups
-        _require(
+        require(
             self.num_attention_heads % groups == 0,
             f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
-            f"model.num_query_groups={groups}; use num_query_groups in {_divisors(self.num_attention_heads)}",
+            f"model.num_query_groups={groups}; use num_query_groups in {divisors(self.num_attention_heads)}",
         )
         if self.num_experts is not None:
-            _require(self.num_experts >= 1, f"model.num_experts={self.num_experts} must be >= 1 (or null for dense)")
-            _require(
+            require(self.num_experts >= 1, f"model.num_experts={self.num_experts} must be >= 1 (or null for dense)")
+            require(
                 1 <= self.moe_router_topk <= self.num_experts,
                 f"model.moe_router_topk={self.moe_router_topk} must be in [1, model.num_experts={self.num_experts}]",
             )
-            _require(
+            require(
                 not self.moe_grouped_gemm or self.dtype == "bf16",
                 "model.moe_grouped_gemm=true needs model.dtype=bf16; set dtype=bf16 or moe_grouped_gemm=false",
             )
             # Megatron refuses top-1 routing with a post-top-k softmax (the gate gradient would be zero).
-            _require(
+            require(
                 self.moe_router_topk >= 2,
                 f"model.moe_router_topk={self.moe_router_topk} is not supported (Megatron needs a pre-top-k "
                 "softmax for top-1 routing); use moe_router_topk >= 2",
             )
             shared = self.moe_shared_expert_intermediate_size
-            _require(
+            require(
                 shared is None or shared >= 1,
                 f"model.moe_shared_expert_intermediate_size={shared} must be >= 1 (or null for no shared expert)",
             )
-            _require(
+            require(
                 shared is None or not self.add_bias_linear,
                 "model.moe_shared_expert_intermediate_size is set with model.add_bias_linear=true; Megatron's shared "
                 "expert has no bias: set add_bias_linear=false or moe_shared_expert_intermediate_size=null",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from vespo_megatron.config.errors import _require
+from vespo_megatron.config.errors import require
 
 
 @dataclass(kw_only=True)
@@ -36,12 +36,12 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"parallel.{name}={value!r} must be an integer >= 1")
-        _require(isinstance(self.rollout_ranks, int) and self.rollout_ranks >= 0,
+            require(isinstance(value, int) and value >= 1, f"parallel.{name}={value!r} must be an integer >= 1")
+        require(isinstance(self.rollout_ranks, int) and self.rollout_ranks >= 0,
                  f"parallel.rollout_ranks={self.rollout_ranks!r} must be an integer >= 0 (0 = colocated)")
-        _require(self.vpp is None or self.vpp >= 1, f"parallel.vpp={self.vpp!r} must be None or >= 1")
-        _require(self.etp is None or self.etp >= 1, f"parallel.etp={self.etp!r} must be None or >= 1")
-        _require(
+        require(self.vpp is None or self.vpp >= 1, f"parallel.vpp={self.vpp!r} must be None or >= 1")
+        require(self.etp is None or self.etp >= 1, f"parallel.etp={self.etp!r} must be None or >= 1")
+        require(
             not (self.sequence_parallel and self.tp == 1),
             "parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp",
         )
@@ -80,5 +80,5 @@ class RolloutParallelConfig:
     """Tensor-parallel size of a rollout replica (weights are resharded from the trainer's layout)."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.tp, int) and self.tp >= 1,
+        require(isinstance(self.tp, int) and self.tp >= 1,
                  f"rollout.parallel.tp={self.tp!r} must be an integer >= 1")

@@ -7,10 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from vespo_megatron.config.errors import _require
+from vespo_megatron.config.errors import require
 from vespo_megatron.config.parallel import RolloutParallelConfig
 from vespo_megatron.loss.kernel import CorrectionParams
-from vespo_megatron.loss.policy import CispoParams, GrpoParams, GspoParams, SapoParams, VespoParams
+from vespo_megatron.loss.params import CispoParams, GrpoParams, GspoParams, SapoParams, VespoParams
 
 
 @dataclass(kw_only=True)
@@ -51,7 +51,7 @@ class LossConfig:
     """CISPO IS-weight clip parameters."""
 
     def __post_init__(self) -> None:
-        _require(self.chunk_size >= 1, f"loss.chunk_size={self.chunk_size} must be >= 1")
+        require(self.chunk_size >= 1, f"loss.chunk_size={self.chunk_size} must be >= 1")
 
     @property
     def aggregation_mode(self) -> str:
@@ -166,6 +166,11 @@ class RolloutConfig:
     rl.sync_every updates, and takes their per-token log-probs as mu (loss.behaviour=sampler)."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
     """The vLLM servers of rollout.engine=vllm."""
+    max_batch_sequences: Optional[int] = None
+    """Rollout micro-batching: each rank decodes its prompts of a step in batches of at most this many sequences
+    (the KV cache is allocated per batch); null decodes them as one batch. Samples and log-probs are the same
+    either way (each sequence keeps its column of the step's uniforms table). `check-config` proposes the
+    largest value whose KV cache fits."""
     kv_step: Literal["lean", "megatron"] = "lean"
     """KV engine's one-token steps: 'lean' runs dense single-stage local-spec models as plain tensor
     operations on the same parameters and cache (several times less Python per step; MoE, pipeline stages
@@ -181,17 +186,19 @@ class RolloutConfig:
     beside an fp32 trainer; loss.correction (TIS/MIS) then covers the gap between the two log-probs."""
 
     def __post_init__(self) -> None:
-        _require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")
-        _require(self.group_size >= 1, f"rollout.group_size={self.group_size} must be >= 1")
-        _require(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
-        _require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
-        _require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
-        _require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 disables it)")
-        _require(
+        require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")
+        require(self.group_size >= 1, f"rollout.group_size={self.group_size} must be >= 1")
+        require(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
+        require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
+        require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 disables it)")
+        require(self.max_batch_sequences is None or self.max_batch_sequences >= 1,
+                f"rollout.max_batch_sequences={self.max_batch_sequences} must be >= 1 (null decodes one batch)")
+        require(
             self.source != "jsonl" or bool(self.jsonl_path),
             "rollout.source=jsonl needs rollout.jsonl_path=<file of external rollouts>",
         )
-        _require(all(isinstance(text, str) and text for text in self.stop),
+        require(all(isinstance(text, str) and text for text in self.stop),
                  f"rollout.stop={self.stop!r} must be a list of non-empty strings")
 
 
@@ -275,17 +282,17 @@ class RLConfig:
         return worst if self.max_staleness is None else min(worst, self.max_staleness)
 
     def __post_init__(self) -> None:
-        _require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")
-        _require(self.async_lag >= 0, f"rl.async_lag={self.async_lag} must be >= 0")
-        _require(self.max_staleness is None or self.max_staleness >= 0,
+        require(self.num_minibatches >= 1, f"rl.num_minibatches={self.num_minibatches} must be >= 1")
+        require(self.async_lag >= 0, f"rl.async_lag={self.async_lag} must be >= 0")
+        require(self.max_staleness is None or self.max_staleness >= 0,
                  f"rl.max_staleness={self.max_staleness} must be >= 0 or null (no bound)")
-        _require(self.sync_every >= 1, f"rl.sync_every={self.sync_every} must be >= 1")
-        _require(self.lookahead is None or self.lookahead >= 0,
+        require(self.sync_every >= 1, f"rl.sync_every={self.sync_every} must be >= 1")
+        require(self.lookahead is None or self.lookahead >= 0,
                  f"rl.lookahead={self.lookahead} must be >= 0 or null (derived from rl.max_staleness)")
-        _require(self.sync_bucket_mb > 0, f"rl.sync_bucket_mb={self.sync_bucket_mb} must be > 0")
-        _require(self.worker_timeout_s > 0, f"rl.worker_timeout_s={self.worker_timeout_s} must be > 0")
-        _require(self.sft_warmup_steps >= 0, f"rl.sft_warmup_steps={self.sft_warmup_steps} must be >= 0")
-        _require(self.kl_coef >= 0, f"rl.kl_coef={self.kl_coef} must be >= 0 (0 disables the KL penalty)")
+        require(self.sync_bucket_mb > 0, f"rl.sync_bucket_mb={self.sync_bucket_mb} must be > 0")
+        require(self.worker_timeout_s > 0, f"rl.worker_timeout_s={self.worker_timeout_s} must be > 0")
+        require(self.sft_warmup_steps >= 0, f"rl.sft_warmup_steps={self.sft_warmup_steps} must be >= 0")
+        require(self.kl_coef >= 0, f"rl.kl_coef={self.kl_coef} must be >= 0 (0 disables the KL penalty)")
 
 
 @dataclass(kw_only=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from vespo_megatron.config.errors import _require
+from vespo_megatron.config.errors import require
 
 
 @dataclass(kw_only=True)
@@ -40,10 +40,10 @@ class OptimizerConfig:
     """Overlap the distributed optimizer's parameter all-gather with forward (needs the distributed optimizer)."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")
-        _require(0 <= self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
-        _require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
-        _require(
+        require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")
+        require(0 <= self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+        require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
+        require(
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "optimizer.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true",
         )
@@ -58,16 +58,32 @@ class TrainConfig:
     global_batch_size: int = 8
     """Sequences per optimizer update, over all data-parallel ranks."""
     micro_batch_size: int = 2
-    """Sequences per forward/backward on one rank."""
+    """Sequences per forward/backward on one rank (supervised steps; RL passes when
+    max_tokens_per_microbatch is null)."""
+    max_tokens_per_microbatch: Optional[int] = None
+    """Token budget of one RL micro-batch on one rank (update, old, reference and mismatch log-prob passes):
+    whole sequences are binned by length (prompt + response - 1 input positions each) so that each
+    micro-batch holds at most this many, every data-parallel rank running the same number of micro-batches
+    (docs/parallelism.md, "Token-budget micro-batches"). A sequence longer than the budget is an error. null:
+    micro_batch_size sequences per micro-batch, each padded to seq_length."""
+    pack_sequences: bool = False
+    """Concatenate the sequences of a token-budget micro-batch into one row without padding (THD, attention
+    restricted to each sequence, RoPE positions restarting per sequence); false pads each micro-batch to its
+    longest sequence. Needs max_tokens_per_microbatch; not with parallel.cp > 1."""
     seq_length: Optional[int] = None
     """Padded sequence length of a training batch; None means model.max_seq_length."""
     seed: int = 1234
     """Base seed of weights, data and sampling."""
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
-        _require(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
-        _require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be >= 1")
+        require(self.steps >= 0, f"train.steps={self.steps} must be >= 0")
+        require(self.micro_batch_size >= 1, f"train.micro_batch_size={self.micro_batch_size} must be >= 1")
+        require(self.global_batch_size >= 1, f"train.global_batch_size={self.global_batch_size} must be >= 1")
+        budget = self.max_tokens_per_microbatch
+        require(budget is None or budget >= 1,
+                 f"train.max_tokens_per_microbatch={budget} must be >= 1 (or null for micro_batch_size sequences)")
+        require(not self.pack_sequences or budget is not None,
+                 "train.pack_sequences=true needs train.max_tokens_per_microbatch (the token budget of a packed row)")
 
 
 @dataclass(kw_only=True)
@@ -103,6 +119,6 @@ class CheckpointConfig:
     model.hf_path and dir. 0 disables it. `vespo-megatron export-hf` does the same from a saved checkpoint."""
 
     def __post_init__(self) -> None:
-        _require(self.save_every >= 0, f"checkpoint.save_every={self.save_every} must be >= 0")
-        _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
-        _require(self.export_hf_every >= 0, f"checkpoint.export_hf_every={self.export_hf_every} must be >= 0")
+        require(self.save_every >= 0, f"checkpoint.save_every={self.save_every} must be >= 0")
+        require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1")
+        require(self.export_hf_every >= 0, f"checkpoint.export_hf_every={self.export_hf_every} must be >= 0")

@@ -1,6 +1,13 @@
-"""Causal core attention with context parallelism for the local (non-Transformer-Engine) layer spec.
+"""Our attention variants for the local (non-Transformer-Engine) layer spec.
 
-Megatron-Core's stock context parallelism lives in Transformer Engine's attention. Without TE this
+* :class:`ContextParallelAttention`: causal core attention with context parallelism (below);
+* :class:`LocalCoreAttention`: the stock local core attention plus a packed-sequence (THD) path and a
+  fused one-token decode step;
+* :class:`KVCacheSelfAttention`: self-attention whose KV cache holds keys with RoPE applied.
+
+With the Transformer Engine spec (GPU) none of these is used: TE's attention does CP and THD itself.
+
+Context parallelism: Megatron-Core's stock CP lives in Transformer Engine's attention. Without TE this
 module provides the same contract: with the sequence split over ``cp`` ranks into ``2*cp`` load-balanced
 chunks (rank r holds chunks r and 2*cp-1-r, as ``megatron.core.utils.get_batch_on_this_cp_rank`` lays
 them out), every rank all-gathers the keys and values of the whole sequence, rebuilds the global token
@@ -147,23 +154,56 @@ def _dot_product_attention_base():
     return DotProductAttention
 
 
-class DecodeStepAttention(_dot_product_attention_base()):
-    """Megatron's local ``DotProductAttention``, with a fused path for one-token decode steps.
+class LocalCoreAttention(_dot_product_attention_base()):
+    """Megatron's local ``DotProductAttention``, with a fused one-token decode step and a packed (THD) path.
 
     A decode step attends ``sq = 1`` query per sequence to ``sk`` cached keys, all visible. The stock
     module first materialises the grouped-query repeat of the whole cache; here the step goes through
     ``scaled_dot_product_attention`` with grouped heads instead (same scale, same result up to rounding).
-    Any other call (training, prefill, masks) is the stock module.
+    A packed micro-batch (``packed_seq_params`` in THD format, which the stock module refuses) goes through
+    :func:`packed_causal_attention`: causal attention within each sequence of the packed row. Any other
+    call (padded training, prefill, masks) is the stock module.
     """
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        if packed_seq_params is not None:
+            if attention_bias is not None or self.training and self.config.attention_dropout > 0:
+                raise ValueError("packed sequences on the local spec support neither attention bias nor dropout")
+            return packed_causal_attention(query, key, value, packed_seq_params.cu_seqlens_q, scale)
         if query.shape[0] != 1 or key.shape[0] == 1 or attention_mask is not None or attention_bias is not None \
-                or packed_seq_params is not None or self.training and self.config.attention_dropout > 0:
+                or self.training and self.config.attention_dropout > 0:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
-        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         return decode_attention(query, key, value, scale)
+
+
+def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Causal attention restricted to each sequence of a packed (THD) row: ``[t, heads, d]`` -> ``[t, heads * d]``.
+
+    ``cu_seqlens`` [k + 1] bounds the sequences (``cu_seqlens[-1] = t``); keys and values have ``groups``
+    heads (grouped-query attention, passed to ``scaled_dot_product_attention`` as groups). Each sequence is
+    its own call, so the work is the sum of the squared sequence lengths, not the square of the row's
+    length. The RoPE rotation already applied to ``query`` and ``key`` restarted per sequence (Megatron's
+    THD rotary path).
+    """
+    import torch.nn.functional as F
+
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != query.shape[0]:
+        raise ValueError(f"cu_seqlens {bounds} must run from 0 to the packed row's {query.shape[0]} tokens")
+    grouped = key.shape[1] != query.shape[1]
+    out = torch.empty(query.shape[0], query.shape[1], value.shape[2], dtype=query.dtype, device=query.device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [s, heads, d] -> [heads, s, d]
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                        enable_gqa=grouped).transpose(0, 1)
+    return out.reshape(query.shape[0], -1)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

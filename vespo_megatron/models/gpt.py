@@ -83,14 +83,12 @@ def transformer_config(config: Config, vocab_size: int):
         bf16=bf16,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
-        # Fusions that need CUDA kernels (or Apex/TE) are enabled on GPU only.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
         batch_p2p_comm=_batch_p2p_comm(config),
+        # Token-budget micro-batches differ in shape: pipeline stages exchange each activation's shape first.
+        variable_seq_lengths=config.train.max_tokens_per_microbatch is not None and par.pp > 1,
+        # Megatron's default (allgather) refuses variable_seq_lengths, even on a dense model.
+        moe_token_dispatcher_type=model.moe_token_dispatcher,
+        **fusion_settings(config, on_gpu),
     )
     if model.is_moe:
         kwargs.update(
@@ -100,11 +98,43 @@ def transformer_config(config: Config, vocab_size: int):
             moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,  # rescaled per update: Engine.scale_moe_aux_loss
             moe_router_load_balancing_type="aux_loss",
-            moe_token_dispatcher_type=model.moe_token_dispatcher,
             moe_grouped_gemm=model.moe_grouped_gemm,
             moe_permute_fusion=False,
         )
     return TransformerConfig(**kwargs)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def fusion_settings(config: Config, on_gpu: bool) -> dict:
+    """The kernel fusions of the TransformerConfig: off on CPU; on CUDA, Megatron's training defaults
+    (``pretrain_gpt``'s arguments turn on bias-activation, bias-dropout, masked-softmax, RoPE and
+    gradient-accumulation fusion and the persistent layer norm; megatron-core's TransformerConfig defaults them
+    off), each where its kernel is there: RoPE fusion needs the Transformer Engine spec (the local spec's KV-cache
+    attention rotates keys itself), gradient-accumulation fusion that spec or apex's
+    ``fused_weight_gradient_mlp_cuda``, the persistent layer norm NVIDIA apex's contrib kernel, and
+    bias-activation fusion with plain GELU a bias (Megatron's own condition). These are also the ones
+    Megatron-Bridge's Llama provider turns on."""
+    if not on_gpu:
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                    apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+    model = config.model
+    te = use_transformer_engine(config)  # the TE layer spec: its linears fuse the gradient accumulation
+    return dict(
+        bias_activation_fusion=model.swiglu or model.add_bias_linear,
+        bias_dropout_fusion=True,
+        masked_softmax_fusion=True,
+        apply_rope_fusion=te and model.position_embedding == "rope",
+        gradient_accumulation_fusion=te or _importable("fused_weight_gradient_mlp_cuda"),
+        persist_layer_norm=_importable("apex.contrib.layer_norm"),  # NVIDIA apex's persistent kernel
+    )
 
 
 def _batch_p2p_comm(config: Config) -> bool:
@@ -127,7 +157,7 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
             num_experts=model.num_experts, moe_grouped_gemm=model.moe_grouped_gemm, qk_layernorm=model.qk_layernorm
         )
         return layer
-    from vespo_megatron.models.attention import ContextParallelAttention, DecodeStepAttention, KVCacheSelfAttention
+    from vespo_megatron.models.attention import ContextParallelAttention, LocalCoreAttention, KVCacheSelfAttention
     from vespo_megatron.models.norms import SequenceParallelNorm
 
     if model.is_moe and model.moe_grouped_gemm:
@@ -153,7 +183,7 @@ def layer_spec(config: Config, tconfig, vp_stage: Optional[int]):
         attn.k_layernorm = SequenceParallelNorm
     # KV-cache decoding (rollout/decode.py): keys cached with RoPE applied, fused one-token steps.
     sub.self_attention.module = KVCacheSelfAttention
-    attn.core_attention = ContextParallelAttention if config.parallel.cp > 1 else DecodeStepAttention
+    attn.core_attention = ContextParallelAttention if config.parallel.cp > 1 else LocalCoreAttention
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelNorm)
 
@@ -218,6 +248,8 @@ def build_model(config: Config, vocab_size: int) -> BuiltModel:
             share_embeddings_and_output_weights=config.model.tie_embeddings,
             position_embedding_type=config.model.position_embedding,
             rotary_base=config.model.rotary_base,
+            rope_scaling=config.model.rope_scaling_factor is not None,
+            rope_scaling_factor=config.model.rope_scaling_factor or 8.0,
             vp_stage=stage,
         )
         if torch.cuda.is_available():
@@ -235,6 +267,29 @@ def unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
+
+
+def model_device(model) -> torch.device:
+    """The device ``model``'s parameters live on (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def full_hidden(hidden: torch.Tensor, ctx) -> torch.Tensor:
+    """Last-stage hidden states as every TP rank needs them for a vocabulary-parallel projection.
+
+    With sequence parallelism the gather's backward is a reduce-scatter over TP; without it Megatron's
+    copy-to-TP mapping all-reduces the gradient. Either way the partial input gradients that the
+    vocabulary-parallel log-prob functions return get summed over TP, as the output layer would do.
+    """
+    from megatron.core import tensor_parallel  # here, as everywhere in this module: importing megatron.core takes seconds
+
+    if ctx.tp == 1:
+        return hidden
+    if ctx.sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
 
 
 def count_parameters(chunks) -> int:

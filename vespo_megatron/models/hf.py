@@ -5,11 +5,14 @@ mapping and every reshape (fused QKV, gate/up, expert stacks, vocabulary padding
 
 - :func:`resolve_model_config` derives the ``model`` section from the bridge's Megatron provider for
   ``model.hf_path`` (shapes are never copied by hand); a YAML key that contradicts it is a ConfigError.
+  :func:`resolve_hf_model` applies it to a loaded run config (config loading itself reads no model files).
 - :func:`load_hf_weights` fills the chunks built by :func:`vespo_megatron.models.gpt.build_model` (our
   layer spec, so CP attention, the SP norm and routing replay keep working) through the bridge's
   mapping, then checks that every parameter of this rank was written.
 - :func:`export_hf` streams the bridge's HF tensors one by one into safetensors shards on rank 0 (no
-  rank holds the whole model) and copies config, generation config and tokenizer files.
+  rank holds the whole model) and copies config, generation config and tokenizer files. The checkpoint
+  side (the HF sidecar of a checkpoint root, export from a checkpoint) is
+  :mod:`vespo_megatron.checkpoint.sidecar`.
 - :mod:`.hf_tokenizer` puts the folder's transformers tokenizer behind our sentencepiece interface.
 
 Nothing here reaches the hub: every transformers call passes ``local_files_only=True`` and a missing
@@ -18,6 +21,7 @@ file is an error naming it. docs/models.md describes the families, layouts and c
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -54,7 +58,7 @@ _DERIVED_MOE_FIELDS = {
 }  # fmt: skip
 # Provider settings our builder does not express: the value it always builds with.
 _BUILDER_FIXED = {
-    "add_qkv_bias": False, "rope_scaling": False, "rotary_percent": 1.0, "rotary_interleaved": False,
+    "add_qkv_bias": False, "rotary_percent": 1.0, "rotary_interleaved": False,
     "window_size": None, "seq_len_interpolation_factor": None, "layernorm_zero_centered_gamma": False,
     "apply_residual_connection_post_layernorm": False, "multi_latent_attention": False,
     "mtp_num_layers": None, "moe_router_pre_softmax": False, "moe_router_score_function": "softmax",
@@ -66,7 +70,7 @@ _BUILDER_FIXED = {
 # ------------------------------------------------------------------------------------- the bridge
 
 
-def _auto_bridge_class():
+def auto_bridge_class():
     """``megatron.bridge.AutoBridge``, importable without Transformer Engine (runtime/compat.py)."""
     import megatron.core  # noqa: F401 - megatron.core settles its own TE checks before the bridge loads
 
@@ -123,7 +127,7 @@ def hf_config(hf_path):
 
 def bridge_for(hf_path, with_weights: bool = False):
     """An AutoBridge for ``hf_path``; raises a ConfigError naming the architecture when unsupported."""
-    auto_bridge = _auto_bridge_class()
+    auto_bridge = auto_bridge_class()
     path = require_hf_dir(hf_path)
     config = hf_config(path)
     try:
@@ -154,6 +158,26 @@ def _same(ours, theirs) -> bool:
     return ours == theirs
 
 
+# Megatron-Core's llama3 RoPE scaling (RotaryEmbedding._apply_scaling) fixes these three; the factor is free.
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_rope_factor(provider, hf_path, where: str):
+    """``model.rope_scaling_factor`` of an HF model: the llama3 factor, None without scaling; refuses the llama3
+    variants Megatron-Core cannot express."""
+    if not getattr(provider, "rope_scaling", False):
+        return None
+    import json
+
+    hf_config = json.loads((Path(hf_path) / "config.json").read_text())
+    scaling = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}  # transformers 4 / 5
+    for key, value in _LLAMA3_FIXED.items():
+        if float(scaling.get(key, value)) != value:
+            raise ConfigError(f"{where}: rope_scaling {key}={scaling[key]} is not Megatron-Core's llama3 value "
+                              f"{value}; only the factor may differ (Llama 3.1/3.2/3.3 use these values)")
+    return float(provider.rope_scaling_factor)
+
+
 def derived_model_fields(hf_path) -> dict:
     """``model`` fields implied by the HF config (via the bridge's provider); raises on features we lack."""
     import torch.nn.functional as F
@@ -172,6 +196,7 @@ def derived_model_fields(hf_path) -> dict:
     fields = {ours: getattr(provider, theirs) for ours, theirs in _DERIVED_FIELDS.items()}
     if fields["num_experts"] is not None:
         fields.update({ours: getattr(provider, theirs) for ours, theirs in _DERIVED_MOE_FIELDS.items()})
+    fields["rope_scaling_factor"] = _llama3_rope_factor(provider, hf_path, where)
     rotary = float(fields["rotary_base"])
     if rotary != int(rotary):
         raise ConfigError(f"{where}: rope theta {rotary} is not an integer; model.rotary_base is an integer")
@@ -192,6 +217,20 @@ def resolve_model_config(model, given_keys) -> object:
             raise ConfigError(f"model.{key}={ours!r} contradicts {Path(model.hf_path) / 'config.json'}, which gives "
                               f"{theirs!r}; remove model.{key} (it is derived from model.hf_path) or fix it")
     return replace(model, **derived)
+
+
+def resolve_hf_model(config, given_keys=()):
+    """``config`` with its ``model`` section resolved from ``model.hf_path`` (unchanged without one).
+
+    The step after :func:`vespo_megatron.config.load_config` for a run that names an HF folder
+    (:func:`vespo_megatron.run_config.load_run_config` does both); ``given_keys`` are the ``model`` keys
+    the user wrote, checked against the HF config as in :func:`resolve_model_config`.
+    """
+    if not config.model.hf_path:
+        return config
+    resolved = copy.copy(config)
+    resolved.model = resolve_model_config(config.model, given_keys=set(given_keys))
+    return resolved
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -336,67 +375,3 @@ def export_hf(chunks, metadata_dir, out_dir, max_shard_bytes: int = DEFAULT_SHAR
     if dist.is_initialized():
         dist.barrier()
     return out_dir if rank == 0 else None
-
-
-# ------------------------------------------------------------------------- checkpoints <-> HF folders
-
-HF_SIDECAR = "hf_config"
-"""Folder in a checkpoint root holding the HF config and tokenizer files of the run (export needs them)."""
-RUN_CONFIG = "run_config.yaml"
-"""The run's config in a checkpoint root, so export-hf rebuilds the same model."""
-
-
-def write_checkpoint_sidecar(root, config) -> None:
-    """Rank 0 writes ``ROOT/hf_config/`` (HF metadata of ``model.hf_path``) and ``ROOT/run_config.yaml``."""
-    import torch.distributed as dist
-    import yaml
-
-    from vespo_megatron.config import config_to_dict
-
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    root = Path(root)
-    sidecar = root / HF_SIDECAR
-    source = require_hf_dir(config.model.hf_path)
-    if not (sidecar.exists() and sidecar.resolve() == source.resolve()):
-        copy_hf_metadata(source, sidecar)
-    (root / RUN_CONFIG).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-
-
-def checkpoint_root_and_step(path) -> tuple[Path, Path]:
-    """``(root, step_dir)`` for a checkpoint root (its newest step) or one ``step_X`` folder."""
-    from vespo_megatron.checkpoint import STATE_FILE, latest_checkpoint
-
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        root, step = path.parent, path
-    else:
-        root, step = path, latest_checkpoint(path)
-        if step is None:
-            raise FileNotFoundError(f"{path} holds no complete checkpoint (no step_*/{STATE_FILE})")
-    for needed in (root / RUN_CONFIG, root / HF_SIDECAR / "config.json"):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{needed} does not exist; export-hf needs a checkpoint written by a run with "
-                                    "model.hf_path set (train or import-hf)")
-    return root, step
-
-
-def checkpoint_config(root, overrides: list[str]):
-    """The run config saved in ``root`` with ``model.hf_path`` at its sidecar, the layout reset to one
-    process, then ``overrides`` (e.g. ``parallel.tp=2`` when export-hf runs on several ranks)."""
-    import yaml
-
-    from vespo_megatron.config import config_from_dict
-    from vespo_megatron.config.loading import _merge, parse_overrides
-
-    data = yaml.safe_load((Path(root) / RUN_CONFIG).read_text())
-    data["model"]["hf_path"] = str(Path(root) / HF_SIDECAR)
-    data["parallel"] = {}
-    return config_from_dict(_merge(data, parse_overrides(overrides)))
-
-
-def export_checkpoint(engine, root, out_dir, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Optional[Path]:
-    """Export the engine's current weights as an HF folder using the metadata saved in checkpoint ``root``."""
-    engine.gather_params()  # collective over data-parallel ranks: every rank calls export_checkpoint
-    return export_hf(engine.chunks, Path(root) / HF_SIDECAR, out_dir, max_shard_bytes)
-

@@ -4,8 +4,8 @@ A :class:`Rollout` is what one data-parallel rank sampled in one step (or read f
 engine's JSONL): right-padded sequences, where each response starts, the sampler's per-token log-probs,
 rewards and group advantages, and the old-policy log-prob sums computed right after sampling with the
 sampling weights (the behaviour policy mu of the VESPO weight). ``micro_batches`` turns a subset of its
-rows into the ``[b, s]`` dicts the Megatron schedule consumes, already split for context parallelism;
-``minibatch_rows`` chooses those rows for each update (contiguous whole groups).
+rows into the dicts the Megatron schedule consumes (fixed-size, token-budget or packed; already split for
+context parallelism); ``minibatch_rows`` chooses those rows for each update (contiguous whole groups).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from vespo_megatron.train.batches import causal_lm_batch, shard_micro_batch
+from vespo_megatron.train.batches import align_up, causal_lm_batch, packed_lm_batch, shard_micro_batch
+from vespo_megatron.train.microbatching import check_lengths, plan_micro_batches
 
 
 @dataclass
@@ -107,16 +108,65 @@ def minibatch_rows(size: int, group_size: int, num_minibatches: int, shuffle_gro
     return list(rows.chunk(num_minibatches))
 
 
-def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, ctx) -> list[dict]:
-    """``[b, s]`` micro-batch dicts (CP-sharded) of ``rows``, with the per-sequence RL fields."""
-    if len(rows) % micro_batch_size:
-        raise ValueError(f"{len(rows)} rows are not divisible by micro_batch_size={micro_batch_size}")
+def input_positions(rollout: Rollout) -> torch.Tensor:
+    """[n] model input positions each sequence needs: prompt + response - 1 (the last token is only a
+    label), 0 for a sequence without response tokens (nothing of it is trained on)."""
+    needed = rollout.prompt_lengths + rollout.response_lengths - 1
+    return torch.where(rollout.response_lengths > 0, needed, torch.zeros_like(needed))
+
+
+def row_alignment(ctx) -> int:
+    """Multiple the length of a micro-batch's rows must have: TP (sequence parallelism) x 2*CP chunks."""
+    tp = ctx.tp if getattr(ctx, "sequence_parallel", False) else 1
+    return tp * (2 * ctx.cp if ctx.cp > 1 else 1)
+
+
+def micro_batch_rows(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, ctx,
+                     max_tokens: Optional[int] = None, pack: bool = False) -> list[torch.Tensor]:
+    """The rollout rows of each micro-batch: ``micro_batch_size`` consecutive rows, or, with ``max_tokens``,
+    whole sequences binned by length (:func:`~vespo_megatron.train.microbatching.plan_micro_batches`: the
+    same number of micro-batches on every data-parallel rank, a collective over ``ctx.dp_group``)."""
+    if max_tokens is None:
+        if len(rows) % micro_batch_size:
+            raise ValueError(f"{len(rows)} rows are not divisible by micro_batch_size={micro_batch_size}")
+        return list(rows.split(micro_batch_size))
+    lengths = input_positions(rollout)[rows]
+    check_lengths(lengths.tolist(), max_tokens, rows.tolist())
+    if not pack:  # a padded row's length is rounded up to the alignment: bin by the rounded length
+        lengths = torch.tensor([align_up(int(length), row_alignment(ctx)) for length in lengths])
+    bins = plan_micro_batches(lengths.tolist(), max_tokens, pack, ctx.dp_group)
+    return [rows[torch.tensor(members, dtype=torch.long)] for members in bins]
+
+
+def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, ctx, *,
+                  max_tokens: Optional[int] = None, pack: bool = False) -> list[dict]:
+    """Micro-batch dicts (CP-sharded) of ``rows``, with the per-sequence RL fields.
+
+    Without ``max_tokens``: ``micro_batch_size`` rows each, ``[b, seq_length]``. With it: token-budget
+    micro-batches (:func:`micro_batch_rows`), each ``[b, w]`` with ``w`` its longest sequence (aligned),
+    or, with ``pack``, one packed ``[1, t]`` row (:func:`~vespo_megatron.train.batches.packed_lm_batch`).
+    Per-token RL fields (``sampler_logprobs``, and ``old_logprobs`` once the rollout has per-token old
+    log-probs) are in the row layout ``[b, w]`` (:func:`row_layout`); ``rows`` names each sequence's
+    rollout row.
+    """
     mask = rollout.response_token_mask()
     sampler_sums = rollout.sampler_logprob_sums()
+    positions = input_positions(rollout)
+    seq_length = rollout.sequences.shape[1] - 1
     batches = []
-    for chunk in rows.split(micro_batch_size):
-        batch = causal_lm_batch(rollout.sequences[chunk], mask[chunk])
-        batch["sampler_logprobs"] = rollout.sampler_logprobs[chunk][:, 1:].contiguous()
+    for chunk in micro_batch_rows(rollout, rows, micro_batch_size, ctx, max_tokens, pack):
+        width = seq_length
+        if max_tokens is not None:
+            longest = max(int(positions[chunk].max()), 1)
+            width = longest if pack else min(seq_length, align_up(longest, row_alignment(ctx)))
+        if pack:
+            batch = packed_lm_batch(rollout.sequences[chunk], mask[chunk], positions[chunk].tolist(),
+                                    row_alignment(ctx))
+        else:
+            batch = causal_lm_batch(rollout.sequences[chunk][:, :width + 1], mask[chunk][:, :width + 1])
+        batch["sampler_logprobs"] = rollout.sampler_logprobs[chunk][:, 1:width + 1].contiguous()
+        if rollout.old_token_logprobs is not None:
+            batch["old_logprobs"] = rollout.old_token_logprobs[chunk][:, :width].contiguous()
         batch["rows"] = chunk  # rollout row of each sequence (named in error messages)
         batch["advantages"] = rollout.advantages[chunk].float()
         batch["response_lengths"] = rollout.response_lengths[chunk]
@@ -132,7 +182,33 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, c
     return batches
 
 
-def segment_ids(loss_mask: torch.Tensor) -> torch.Tensor:
-    """``[s, b]`` sequence index of every response label (its batch row), -1 elsewhere."""
-    rows = torch.arange(loss_mask.shape[0], device=loss_mask.device).unsqueeze(1).expand_as(loss_mask)
-    return torch.where(loss_mask.bool(), rows, torch.full_like(rows, -1)).t().contiguous()
+def config_micro_batches(config, rollout: Rollout, rows: torch.Tensor, ctx) -> list[dict]:
+    """:func:`micro_batches` as ``config.train`` sets them (fixed size, token budget, packing)."""
+    train = config.train
+    return micro_batches(rollout, rows, train.micro_batch_size, ctx, max_tokens=train.max_tokens_per_microbatch,
+                         pack=train.pack_sequences)
+
+
+def row_layout(batch: dict, values: torch.Tensor) -> torch.Tensor:
+    """Per-token ``values`` of a micro-batch's model layout in the row layout ``[b, w]`` of its sequences.
+
+    A padded micro-batch is already in it (returned as is); a packed ``[1, t]`` row is scattered to
+    sequence ``sequence_index`` at column ``position_ids`` (differentiable), zeros elsewhere. ``w`` is
+    the width of the batch's ``sampler_logprobs``.
+    """
+    if "sequence_index" not in batch:
+        return values
+    index, columns = batch["sequence_index"][0], batch["position_ids"][0]
+    real = index >= 0
+    shape = (batch["rows"].numel(), batch["sampler_logprobs"].shape[1])
+    return values.new_zeros(shape).index_put((index[real], columns[real]), values[0][real])
+
+
+def segment_ids(loss_mask: torch.Tensor, sequence_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[s, b]`` sequence index of every response label, -1 elsewhere.
+
+    The index is the batch row, or for a packed row the ``sequence_index`` [1, t] of each position.
+    """
+    if sequence_index is None:
+        sequence_index = torch.arange(loss_mask.shape[0], device=loss_mask.device).unsqueeze(1).expand_as(loss_mask)
+    return torch.where(loss_mask.bool(), sequence_index, torch.full_like(sequence_index, -1)).t().contiguous()

@@ -15,7 +15,7 @@ import torch
 from vespo_megatron.config import Config
 from vespo_megatron.models.routing import routing_recorder
 from vespo_megatron.rl.advantages import group_advantages, informative_groups
-from vespo_megatron.rl.batch import Rollout, micro_batches
+from vespo_megatron.rl.batch import Rollout, config_micro_batches
 from vespo_megatron.rl.heads import old_logprob_sums_head, old_token_logprobs_head
 from vespo_megatron.runtime.collectives import from_last_stage, gather_context_parallel
 from vespo_megatron.train.engine import Engine
@@ -46,7 +46,7 @@ def finish_rollout(config: Config, engine: Engine, sequences: torch.Tensor, prom
 def compute_old_logprobs(config: Config, engine: Engine, rollout: Rollout) -> None:
     """Behaviour log-probs (log mu) per ``loss.behaviour``, on every pipeline stage."""
     ctx = engine.ctx
-    micro = micro_batches(rollout, torch.arange(rollout.size), config.train.micro_batch_size, ctx)
+    micro = config_micro_batches(config, rollout, torch.arange(rollout.size), ctx)
     token_level = config.loss.name != "vespo"
     if config.loss.behaviour == "sampler":
         use_sampler_logprobs(rollout, token_level=token_level)
@@ -72,16 +72,14 @@ def compute_old_logprobs(config: Config, engine: Engine, rollout: Rollout) -> No
     if recorder is not None:  # collective on every rank: None when no rank replayed a sampler record
         mismatch = recorder.mismatch_fraction()
         rollout.routing_mismatch_frac = None if mismatch is None else torch.tensor(mismatch)
-    local_length = config.seq_length // ctx.cp
     if token_level:
-        local = torch.zeros(rollout.size, local_length)
-        if reports:
-            local = torch.cat([r["tok/logprobs"].view(-1, local_length) for r in reports]).cpu()
-        values = gather_context_parallel(local, ctx.cp_group)
+        values = torch.zeros(rollout.size, config.seq_length)
+        for batch, report in zip(micro, reports):  # reports exist on the last stage (all of its CP ranks) only
+            local = report["tok/logprobs"].view(batch["rows"].numel(), -1).cpu()
+            full = gather_context_parallel(local, ctx.cp_group)
+            values[batch["rows"], :full.shape[1]] = full
     else:
-        values = torch.zeros(rollout.size)
-        if reports:
-            values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu()
+        values = per_row(micro, reports, "seq/logprob_sum", rollout.size)
     values = from_last_stage(values, ctx.pp_group)
     if token_level:
         rollout.old_token_logprobs = values
@@ -105,6 +103,15 @@ def logprob_sums(config: Config, engine: Engine, micro: list[dict], chunks: list
     """Per-sequence log-prob sums under ``chunks`` (the trainer's, or the frozen KL reference), on every stage."""
     head = old_logprob_sums_head(engine.ctx, config.rollout.temperature, config.loss.chunk_size)
     reports = engine.forward_only(micro, head, emit_hidden_states=True, chunks=chunks)
-    values = torch.cat([r["seq/logprob_sum"] for r in reports]).cpu() if reports else torch.zeros(
-        sum(b["tokens"].shape[0] for b in micro))
-    return from_last_stage(values, engine.ctx.pp_group)
+    size = sum(batch["rows"].numel() for batch in micro)
+    return from_last_stage(per_row(micro, reports, "seq/logprob_sum", size), engine.ctx.pp_group)
+
+
+def per_row(micro: list[dict], reports: list[dict], name: str, size: int) -> torch.Tensor:
+    """The per-sequence report ``name`` of every micro-batch, put back in rollout-row order ([size], CPU).
+
+    Zeros where no report exists (stages before the last one)."""
+    values = torch.zeros(size)
+    for batch, report in zip(micro, reports):
+        values[batch["rows"]] = report[name].cpu()
+    return values

@@ -6,7 +6,8 @@ import torch
 
 from vespo_megatron.rl.context import RLContext
 from vespo_megatron.rl.sampling import score
-from vespo_megatron.rollout.decode import sample
+from vespo_megatron.rollout.common import DecodeRequest
+from vespo_megatron.rollout.decoders import sample
 
 
 def evaluate(context: RLContext, num_prompts: int, seed_offset: int = 10_000) -> float:
@@ -19,8 +20,8 @@ def evaluate(context: RLContext, num_prompts: int, seed_offset: int = 10_000) ->
     while len(encoded) % micro:
         encoded.append(encoded[-1])
         samples.append(samples[-1])
-    generated = sample(context.engine, encoded, config.rollout, seq_length=config.seq_length,
-                       eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                       generator=torch.Generator().manual_seed(0), greedy=True, vocab_size=tokenizer.vocab_size)
+    generated = sample(context.engine, encoded, DecodeRequest(
+        config.rollout, seq_length=config.seq_length, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+        generator=torch.Generator().manual_seed(0), greedy=True, vocab_size=tokenizer.vocab_size))
     rewards = score(context.task, tokenizer, generated, samples)[:num_prompts]
     return float((rewards >= 1.0).float().mean())

@@ -9,12 +9,16 @@ update over every data-parallel rank) are known before the update starts.
 * :func:`vespo_head`: VESPO on the same path; the kernel is applied to the all-reduced sums.
 * :func:`token_loss_head`: the token-level baselines (GRPO, GSPO, SAPO, CISPO) from vocabulary-
   parallel per-token log-probs.
-Per-sequence diagnostics are reported as ``seq/*`` vectors for the loop's step metrics.
+Per-sequence diagnostics are reported as ``seq/*`` vectors for the loop's step metrics; per-token values
+(``tok/*``) in the row layout ``[b, w]`` of the micro-batch's sequences, also for a packed micro-batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.distributed as dist
 
 from vespo_megatron.loss import kernel
 from vespo_megatron.loss.aggregate import aggregate_sequence_loss
@@ -25,9 +29,8 @@ from vespo_megatron.loss.policy import (
     vespo_sequence_loss,
 )
 from vespo_megatron.loss.sequence import sequence_logprob_sums
-from vespo_megatron.models.gpt import unwrap
-from vespo_megatron.rl.batch import segment_ids
-from vespo_megatron.rollout.generate import full_hidden
+from vespo_megatron.models.gpt import full_hidden, unwrap
+from vespo_megatron.rl.batch import row_layout, segment_ids
 from vespo_megatron.train.megatron_loss import rescale_for_global_normaliser
 
 
@@ -42,8 +45,9 @@ def _sequence_sums(output, batch, model, ctx, temperature, chunk_size):
     hidden = full_hidden(output, ctx) / temperature
     tp_group, seq_group = _groups(ctx)
     labels = batch["labels"]
+    segments = segment_ids(batch["loss_mask"], batch.get("sequence_index"))
     sums, _ = sequence_logprob_sums(
-        hidden, weight, labels.t().contiguous(), segment_ids(batch["loss_mask"]), labels.shape[0],
+        hidden, weight, labels.t().contiguous(), segments, batch["rows"].numel(),
         vocab_start=ctx.tp_rank * weight.shape[0], tp_group=tp_group, seq_group=seq_group, chunk_size=chunk_size,
     )
     return sums
@@ -57,7 +61,7 @@ def _token_logprobs(output, batch, model, ctx, temperature, chunk_size):
         hidden, weight, batch["labels"].t().contiguous(), vocab_start=ctx.tp_rank * weight.shape[0],
         tp_group=tp_group, chunk_size=chunk_size,
     )
-    return logprobs.t()
+    return row_layout(batch, logprobs.t())
 
 
 def _no_loss(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +90,6 @@ class NonFiniteLogprobsError(ValueError):
 
 
 def _where(batch: dict, rows: torch.Tensor, label: str) -> str:
-    import torch.distributed as dist
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     ids = batch["rows"][rows].tolist() if "rows" in batch else rows.tolist()
     return f"{label or 'RL update'}, rank {rank}, rollout rows {ids[:8]}"
@@ -193,8 +195,6 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
 def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch.Tensor,
                     global_micro_batches: int = 1, label: str = ""):
     """A token-level baseline from the registry on per-token log-probs (normalisers as in :func:`vespo_head`)."""
-    import dataclasses
-
     loss_cfg, params = config.loss, config.loss.params()
     policy = get_policy_loss(loss_cfg.name)
     temperature = config.rollout.temperature
@@ -207,7 +207,7 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
 
     def head(output, batch, model):
         logprobs = _token_logprobs(output, batch, model, ctx, temperature, loss_cfg.chunk_size)
-        mask = batch["loss_mask"]
+        mask = row_layout(batch, batch["loss_mask"])
         inputs = PolicyLossInputs(
             logprobs=logprobs,
             old_logprobs=batch["old_logprobs"],

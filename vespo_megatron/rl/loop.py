@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from vespo_megatron import checkpoint
+from vespo_megatron.checkpoint.sidecar import export_checkpoint, write_checkpoint_sidecar
 from vespo_megatron.config import Config, config_to_dict
 from vespo_megatron.metrics import MetricsLogger, ProgressBar
 from vespo_megatron.rl.context import RLContext
@@ -36,6 +37,7 @@ from vespo_megatron.rl.warmup import supervised_warmup
 from vespo_megatron.rl.worker import RolloutWorker
 from vespo_megatron.rollout.external import ExternalRollouts
 from vespo_megatron.runtime.distributed import JobSplit, ParallelContext, initialize, initialize_disaggregated
+from vespo_megatron.runtime.preemption import install_preemption_handler
 from vespo_megatron.tasks import build_task
 from vespo_megatron.tokenizer import load_run_tokenizer
 from vespo_megatron.train.engine import build_engine
@@ -148,8 +150,6 @@ def run(config: Config) -> Union[TrainerRun, WorkerRun]:
     context, state, link = built.context, built.state, built.link
     engine, ctx = context.engine, context.parallel
     if config.model.hf_path and ckpt_cfg.dir:
-        from vespo_megatron.models.hf import write_checkpoint_sidecar
-
         write_checkpoint_sidecar(ckpt_cfg.dir, config)  # export-hf reads the HF config back from here
     if resume_from is not None:
         if config.rl.kl_coef > 0:
@@ -164,7 +164,7 @@ def run(config: Config) -> Union[TrainerRun, WorkerRun]:
             engine.freeze_reference()  # the policy as RL starts
     if config.rl.eval_prompts:
         built.eval_before = evaluate(context, config.rl.eval_prompts)
-    preemption = checkpoint.install_preemption_handler()
+    preemption = install_preemption_handler()
     logger = MetricsLogger(config.logging.run_dir, enabled=ctx.is_logging_rank, tensorboard=config.logging.tensorboard,
                            wandb_project=config.logging.wandb_project, config_dict=config_to_dict(config),
                            resume=resume_from is not None)
@@ -198,8 +198,6 @@ def run(config: Config) -> Union[TrainerRun, WorkerRun]:
             if saving:
                 checkpoint.save_checkpoint(engine, ckpt_cfg.dir, state.step, checkpoint_state(built))
             if ckpt_cfg.export_hf_every and state.step % ckpt_cfg.export_hf_every == 0:
-                from vespo_megatron.models.hf import export_checkpoint
-
                 export_checkpoint(engine, ckpt_cfg.dir, f"{ckpt_cfg.dir}/hf/step_{state.step:08d}")
             if stop:
                 break

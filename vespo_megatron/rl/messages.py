@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from vespo_megatron.config import Config
-from vespo_megatron.rollout.generate import Generated
+from vespo_megatron.rollout.common import Generated
 from vespo_megatron.runtime.distributed import JobSplit
 
 HEADER_TAG = 42

@@ -37,8 +37,7 @@ class RemoteRollouts:
 
     def __init__(self, config: Config, engine: Engine, split: JobSplit):
         self.config, self.engine, self.split = config, engine, split
-        self.weights = TrainerSync(engine.chunks, engine.ctx, split, self.config.model.num_experts,
-                                   self.config.model.swiglu, self.config.rl.sync_bucket_mb)
+        self.weights = TrainerSync(engine.chunks, split, self.config.rl.sync_bucket_mb)
         manifests, _ = exchange_manifests(split, self.weights, engine.ctx.dp_rank)
         element = next(engine.chunks[0].parameters()).element_size()
         self.bytes_per_sync = float(sum(sum(math.prod(spec.shape) for spec in bucket) * element

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 import torch
 
 from vespo_megatron.config import Config
-from vespo_megatron.rollout.decode import sample
-from vespo_megatron.rollout.generate import Generated, check_prompts, draw_uniforms
+from vespo_megatron.rollout.common import DecodeRequest, Generated, check_prompts, draw_uniforms
+from vespo_megatron.rollout.decoders import sample
 from vespo_megatron.rollout.vllm.client import Completion, SamplingSettings, VllmClient
 from vespo_megatron.tasks.base import Sample, Task
 from vespo_megatron.tokenizer import RunTokenizer
@@ -66,11 +66,12 @@ def sample_and_score(engine: Engine, config: Config, tokenizer: RunTokenizer, ta
     samples = [s for s in prompts for _ in range(group)]
     encoded = [tokenizer.encode_prompt(s.prompt) for s in samples]
     stop = tuple(tuple(tokenizer.encode(text)) for text in config.rollout.stop)
-    generated = sample(
-        engine, encoded, config.rollout, seq_length=config.seq_length, eos_id=tokenizer.stop_ids,
-        pad_id=tokenizer.pad_id, generator=generator, uniforms=uniforms, vocab_size=tokenizer.vocab_size,
-        stop_sequences=stop, record_routing=config.rollout.routing_replay, policy_version=policy_version,
+    request = DecodeRequest(
+        config.rollout, seq_length=config.seq_length, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+        generator=generator, uniforms=uniforms, vocab_size=tokenizer.vocab_size, stop_sequences=stop,
     )
+    generated = sample(engine, encoded, request, record_routing=config.rollout.routing_replay,
+                       policy_version=policy_version)
     return generated, score(task, tokenizer, generated, samples)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from vespo_megatron.config import Config
 from vespo_megatron.models.routing import routing_load_metrics, routing_recorder
-from vespo_megatron.rl.batch import Rollout, micro_batches, minibatch_rows
+from vespo_megatron.rl.batch import Rollout, config_micro_batches, minibatch_rows
 from vespo_megatron.rl.behaviour import finish_rollout
 from vespo_megatron.rl.context import RLContext
 from vespo_megatron.rl.heads import token_loss_head, vespo_head
@@ -28,12 +28,7 @@ from vespo_megatron.rl.sampling import rollout_generator, sample_and_score
 from vespo_megatron.rl.served import ServedRollouts, served_to_rows
 from vespo_megatron.rl.state import LoopState
 from vespo_megatron.rl.step_metrics import phi_metrics, rollout_metrics
-from vespo_megatron.runtime.collectives import (
-    context_parallel_chunks,
-    data_parallel_rows,
-    data_parallel_share,
-    sum_over,
-)
+from vespo_megatron.runtime.collectives import data_parallel_rows, data_parallel_share, sum_over
 from vespo_megatron.tasks.base import Sample
 from vespo_megatron.train.engine import Engine, StepResult
 
@@ -119,14 +114,11 @@ def train_on_rollout(config: Config, engine: Engine, rollout: Rollout, step: int
         tokens, sequences = sum_over([lengths.sum().item(), (lengths > 0).sum().item()], ctx.dp_group)
         global_tokens = torch.tensor(max(tokens, 1.0))
         global_sequences = torch.tensor(max(sequences, 1.0))
-        micro = micro_batches(rollout, rows, config.train.micro_batch_size, ctx)
+        micro = config_micro_batches(config, rollout, rows, ctx)  # token-level losses: with old_logprobs
         global_micro = len(micro) * ctx.dp  # every DP rank runs the same number of micro-batches
         if config.loss.name == "vespo":
             head = vespo_head(ctx, config, global_tokens, global_sequences, global_micro, label)
         else:
-            old = rollout.old_token_logprobs
-            for batch, chunk in zip(micro, rows.split(config.train.micro_batch_size)):
-                batch["old_logprobs"] = context_parallel_chunks(old[chunk], ctx.cp, ctx.cp_rank)
             head = token_loss_head(ctx, config, global_tokens, global_sequences, global_micro, label)
         with recorder.training_pass(micro) if recorder is not None else nullcontext():
             results.append(engine.train_step(micro, head, emit_hidden_states=True))

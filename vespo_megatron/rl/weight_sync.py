@@ -1,16 +1,18 @@
 """Weight sync from the trainer's layout to the rollout workers' layout, shard to shard, in buckets.
 
-No rank ever assembles a whole tensor, let alone the whole model. Every trainer rank that holds a
-distinct shard of a parameter (data-parallel rank 0; for experts, expert-data-parallel rank 0; for
-replicated parameters also tensor-parallel rank 0) is a *source*: it sends its local shards, flattened
-into buckets of about ``rl.sync_bucket_mb``, to every worker rank. A worker copies into its own shard
-the part of each received shard that overlaps it. Overlaps are computed on *canonical* coordinates:
+No rank ever assembles a whole tensor, let alone the whole model. Every trainer rank that holds the main
+replica of a shard (Megatron's ``replica_id`` of zero: data-parallel rank 0, tensor-parallel rank 0 for a
+replicated tensor, expert-data-parallel rank 0 for an expert) is a *source*: it sends its local shards,
+flattened into buckets of about ``rl.sync_bucket_mb``, to every worker rank. A worker copies into its own
+shard the part of each received shard that overlaps it. Where a shard sits is read from the model's own
+``sharded_state_dict()`` (the metadata Megatron's distributed checkpoints use), so trainer and worker
+agree on coordinates whatever their layouts:
 
-* names: the local layer index becomes the global one (``layer_number - 1``), the local expert index
-  the global one (``ep_rank * experts_per_rank + j``), so a pipeline stage or an expert-parallel rank
-  names its parameters as an unsplit model would;
-* the partition dimension of a tensor-parallel parameter is cut into ``pieces`` equal slices, shard
-  ``index`` holding slice ``index``; a SwiGLU ``linear_fc1`` holds ``[gate; up]`` and is cut per half.
+* a tensor's canonical name is its sharded key plus its offsets along the prepended axes (the global layer
+  index; the global expert index), so a pipeline stage or an expert-parallel rank names it as an unsplit
+  model would;
+* its place is a box in the canonical tensor: the global offset and the local size along every other axis.
+  A SwiGLU ``linear_fc1`` (a sharded-tensor factory) is two boxes, its gate and up halves.
 
 The plan (which source sends what, in which bucket) is exchanged once; a sync then moves only tensor
 data. Sources are independent (no trainer collective during a sync), so a worker that drains one
@@ -21,7 +23,6 @@ source after the other cannot deadlock them. Every wait lasts while the peer is 
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -29,82 +30,91 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
 from vespo_megatron.models.gpt import unwrap
+from vespo_megatron.runtime.distributed import JobSplit
 from vespo_megatron.runtime.liveness import WorkerFailure
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
-_GROUPED_EXPERT = re.compile(r"(experts\.linear_fc[12]\.(?:weight|bias))(\d+)$")
 WEIGHTS_TAG = 41
 
 
 @dataclass(frozen=True)
+class Box:
+    """One contiguous block of a local tensor and where it sits in the canonical tensor."""
+
+    canonical: tuple
+    """Start along every (non-prepended) axis of the canonical tensor."""
+    local: tuple
+    """Start along every axis of the local tensor."""
+    size: tuple
+
+
+@dataclass(frozen=True)
 class ShardSpec:
-    """Where a local tensor sits in its canonical (unsplit) tensor."""
+    """A local tensor: its canonical name, local shape, the boxes it holds of the canonical tensor."""
 
     name: str
     shape: tuple
     """Local shape."""
-    dim: Optional[int]
-    """Partition dimension; None for a replicated tensor."""
-    pieces: int
-    index: int
-    halves: int
-    """2 for a SwiGLU fc1 (gate and up are split separately), else 1."""
-
-    def ranges(self) -> list[tuple[int, int, int]]:
-        """``(canonical start, canonical end, local start)`` along ``dim`` for every contiguous part."""
-        if self.dim is None:
-            return []
-        local = self.shape[self.dim]
-        part = local // self.halves
-        full_half = part * self.pieces
-        return [(h * full_half + self.index * part, h * full_half + (self.index + 1) * part, h * part)
-                for h in range(self.halves)]
+    boxes: tuple
 
 
-def _expert_index_offset(ctx, num_experts: int) -> int:
-    return ctx.ep_rank * (num_experts // ctx.ep)
+def _box(sharded, param: torch.Tensor) -> Box:
+    """Where ``sharded`` (a ShardedTensor whose data is a view of ``param``) sits in ``param`` and canonically."""
+    prepend = sharded.prepend_axis_num
+    offset = sharded.data.storage_offset() - param.storage_offset()
+    local = []
+    for stride in param.stride():
+        local.append(offset // stride)
+        offset %= stride
+    return Box(canonical=tuple(int(o) for o in sharded.global_offset[prepend:]), local=tuple(local),
+               size=tuple(int(n) for n in sharded.data.shape))
 
 
-def canonical_shards(chunks, ctx, num_experts: Optional[int], swiglu: bool) -> list[tuple[ShardSpec, torch.Tensor, bool]]:
-    """``(spec, parameter, is_expert)`` for every parameter of this rank's model chunks, in a fixed order."""
-    out = []
-    for chunk in chunks:
-        model = unwrap(chunk)
-        layers = list(model.decoder.layers) if hasattr(model, "decoder") else []
-        for name, param in model.named_parameters():
-            match = _LAYER.match(name)
-            if match:
-                name = f"decoder.layers.{layers[int(match.group(1))].layer_number - 1}." + name[match.end():]
-            expert = not getattr(param, "allreduce", True)
-            if expert and num_experts:
-                offset = _expert_index_offset(ctx, num_experts)
-                name = _LOCAL_EXPERT.sub(lambda m, o=offset: f"local_experts.{int(m.group(1)) + o}.", name)
-                name = _GROUPED_EXPERT.sub(lambda m, o=offset: f"{m.group(1)}{int(m.group(2)) + o}", name)
-            sharded = bool(getattr(param, "tensor_model_parallel", False))
-            pieces, index = (ctx.etp, ctx.etp_rank) if expert else (ctx.tp, ctx.tp_rank)
-            dim = int(param.partition_dim) if sharded else None
-            gated = swiglu and dim == 0 and "linear_fc1." in name
-            spec = ShardSpec(name=name, shape=tuple(param.shape), dim=dim, pieces=pieces if sharded else 1,
-                             index=index if sharded else 0, halves=2 if gated else 1)
-            out.append((spec, param, expert))
+def _is_main_replica(replica_id) -> bool:
+    ids = replica_id if isinstance(replica_id, tuple) else (replica_id,)
+    return all(int(i) == 0 for i in ids)
+
+
+def _placements(model) -> dict[str, tuple[list, bool]]:
+    """Parameter name -> (its ShardedTensors, whether this rank holds the main replica), from Megatron's
+    ``sharded_state_dict`` (a factory, e.g. a SwiGLU fc1, contributes the tensors it builds)."""
+    out = {}
+    for name, item in model.sharded_state_dict().items():
+        if isinstance(item, ShardedTensorFactory):
+            tensors = list(item.build())
+        elif isinstance(item, ShardedTensor):
+            tensors = [item]
+        else:
+            continue
+        out[name] = (tensors, all(_is_main_replica(t.replica_id) for t in tensors))
     return out
 
 
-def is_source(ctx, spec: ShardSpec, expert: bool) -> bool:
-    """Whether this trainer rank sends this shard (one copy of every distinct shard is sent)."""
-    replicated_ok = spec.dim is not None or (ctx.etp_rank == 0 if expert else ctx.tp_rank == 0)
-    if expert:
-        return ctx.expert_dp_rank == 0 and replicated_ok
-    return ctx.dp_rank == 0 and ctx.cp_rank == 0 and replicated_ok
+def canonical_shards(chunks) -> list[tuple[ShardSpec, torch.Tensor, bool]]:
+    """``(spec, parameter, is_source)`` for every parameter of this rank's model chunks, in a fixed order."""
+    out = []
+    for chunk in chunks:
+        model = unwrap(chunk)
+        placements = _placements(model)
+        for name, param in model.named_parameters():
+            if name not in placements:
+                raise RuntimeError(f"weight sync: parameter {name} has no entry in the model's sharded_state_dict")
+            tensors, main = placements[name]
+            first = tensors[0]
+            prepended = ",".join(str(int(o)) for o in first.global_offset[:first.prepend_axis_num])
+            spec = ShardSpec(name=f"{first.key}@{prepended}", shape=tuple(param.shape),
+                             boxes=tuple(_box(t, param) for t in tensors))
+            out.append((spec, param, main))
+    return out
 
 
-def plan_buckets(shards, ctx, bucket_bytes: int) -> list[list[tuple[ShardSpec, torch.Tensor]]]:
-    """This source's shards grouped into buckets of at most ``bucket_bytes`` (a larger shard is its own)."""
+def plan_buckets(shards, bucket_bytes: int) -> list[list[tuple[ShardSpec, torch.Tensor]]]:
+    """This rank's source shards grouped into buckets of at most ``bucket_bytes`` (a larger shard is its own)."""
     buckets, current, size = [], [], 0
-    for spec, param, expert in shards:
-        if not is_source(ctx, spec, expert):
+    for spec, param, source in shards:
+        if not source:
             continue
         nbytes = param.numel() * param.element_size()
         if current and size + nbytes > bucket_bytes:
@@ -128,11 +138,9 @@ def post(op, tensor: torch.Tensor, peer: int, group, tag: int, what: str):
 class TrainerSync:
     """Trainer side: the bucket plan of this rank and ``push`` of the current weights."""
 
-    def __init__(self, chunks, ctx, split, num_experts, swiglu: bool, bucket_mb: float):
+    def __init__(self, chunks, split: JobSplit, bucket_mb: float):
         self.split = split
-        self.buckets = plan_buckets(canonical_shards(chunks, ctx, num_experts, swiglu), ctx,
-                                    int(bucket_mb * 2**20))
-        self.device = ctx.device
+        self.buckets = plan_buckets(canonical_shards(chunks), int(bucket_mb * 2**20))
         self.in_flight: list = []
         """``(worker rank, work, buffer)`` of the last push, until every worker has taken it."""
 
@@ -169,10 +177,10 @@ class TrainerSync:
 class WorkerSync:
     """Worker side: where each received shard lands in this worker's parameters."""
 
-    def __init__(self, chunks, ctx, split, num_experts, swiglu: bool, manifests: dict[int, list[list[ShardSpec]]]):
+    def __init__(self, chunks, split: JobSplit, manifests: dict[int, list[list[ShardSpec]]]):
         self.split = split
         self.manifests = manifests
-        self.local = {spec.name: (spec, param) for spec, param, _ in canonical_shards(chunks, ctx, num_experts, swiglu)}
+        self.local = {spec.name: (spec, param) for spec, param, _ in canonical_shards(chunks)}
         offered = {spec.name for buckets in manifests.values() for bucket in buckets for spec in bucket}
         missing = sorted(set(self.local) - offered)
         if missing:
@@ -200,22 +208,21 @@ class WorkerSync:
         return received
 
     def _apply(self, sent: ShardSpec, values: torch.Tensor) -> None:
+        """Copy every overlap of a sent box with one of this worker's boxes (an empty overlap copies nothing)."""
         if sent.name not in self.local:
             return  # a tensor this worker does not hold (another expert shard, a tied copy)
         mine, param = self.local[sent.name]
-        if sent.dim is None or mine.dim is None:
-            if tuple(values.shape) != tuple(param.shape):
-                raise RuntimeError(f"weight sync: {sent.name} has shape {tuple(values.shape)} on the trainer and "
-                                   f"{tuple(param.shape)} on the worker")
-            param.copy_(values)
-            return
-        for src_start, src_end, src_local in sent.ranges():
-            for dst_start, dst_end, dst_local in mine.ranges():
-                start, end = max(src_start, dst_start), min(src_end, dst_end)
-                if start >= end:
-                    continue
-                piece = values.narrow(sent.dim, src_local + start - src_start, end - start)
-                param.narrow(mine.dim, dst_local + start - dst_start, end - start).copy_(piece)
+        for src in sent.boxes:
+            for dst in mine.boxes:
+                source, target = values, param
+                for axis, (s0, sn, d0, dn) in enumerate(zip(src.canonical, src.size, dst.canonical, dst.size)):
+                    start, end = max(s0, d0), min(s0 + sn, d0 + dn)
+                    if start >= end:
+                        break
+                    source = source.narrow(axis, src.local[axis] + start - s0, end - start)
+                    target = target.narrow(axis, dst.local[axis] + start - d0, end - start)
+                else:
+                    target.copy_(source)
 
 
 def exchange_manifests(split, trainer_sync: Optional[TrainerSync], dp_rank: Optional[int] = None

@@ -73,7 +73,7 @@ class RolloutWorker:
         self.stop_seen = False
         self.last_poll = 0.0
         manifests, self.trainer_shares = exchange_manifests(split, None)
-        self.sync = WorkerSync(built.chunks, ctx, split, config.model.num_experts, config.model.swiglu, manifests)
+        self.sync = WorkerSync(built.chunks, split, manifests)
 
     def fast_forward(self, step: int) -> None:
         """Start at RL step ``step`` (a resumed run): skip earlier prompts, expect the header of ``step - 1 - L``."""

@@ -28,18 +28,44 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from vespo_megatron.models.attention import decode_attention
+from vespo_megatron.models.attention import KVCacheSelfAttention, decode_attention
 from vespo_megatron.models.gpt import unwrap
+
+
+_ANNOUNCED: set = set()
+
+
+def decode_path(engine, kv_step: str) -> tuple[str, str]:
+    """The one-token step the KV decoder takes and why: ``lean`` (:class:`LeanDecodeStep`), ``kv-modules``
+    (the full model with the project's attention, which caches post-RoPE keys) or ``full-model`` (the full
+    model with attention modules that are not the project's, e.g. Transformer Engine's: Megatron's static
+    inference path re-rotates the whole cached prefix every step)."""
+    blocker = lean_step_blocker(engine)
+    if kv_step == "lean" and blocker is None:
+        return "lean", "dense single-stage model with the local layer spec"
+    why = "rollout.kv_step=megatron" if kv_step != "lean" else f"no lean step: {blocker}"
+    if any(isinstance(m, KVCacheSelfAttention) for chunk in engine.chunks for m in unwrap(chunk).modules()):
+        return "kv-modules", why
+    return "full-model", f"{why}; attention modules are not the KV-cache ones (Transformer Engine spec)"
+
+
+def announce_decode_path(engine, kv_step: str) -> tuple[str, str]:
+    """:func:`decode_path`, printed once per process and path (by global rank 0)."""
+    path = decode_path(engine, kv_step)
+    if path not in _ANNOUNCED:
+        _ANNOUNCED.add(path)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"rollout: KV decoder one-token steps take the {path[0]} path ({path[1]})", flush=True)
+    return path
 
 
 def lean_step_blocker(engine) -> Optional[str]:
     """Why :class:`LeanDecodeStep` cannot run this engine's model (None when it can)."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention
-    from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
     if engine.ctx.pp > 1 or len(engine.chunks) != 1:
         return "pipeline parallelism (the stages exchange activations)"
     model = unwrap(engine.chunks[0])

@@ -50,6 +50,33 @@ def max_over(values: Sequence[float], group: Optional[dist.ProcessGroup]) -> lis
     return tensor.tolist()
 
 
+def sum_tensor_over(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """``tensor`` summed over the ranks of ``group``, in place on its own device (which must suit the group)."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def any_over(flag: bool, group: Optional[dist.ProcessGroup]) -> bool:
+    """OR of ``flag`` over the ranks of ``group``."""
+    if group_size(group) == 1:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device(group))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return bool(tensor.item())
+
+
+def gather_last_dim(shard: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """The shards of every rank of ``group`` joined along the last dimension in rank order (e.g. vocabulary
+    shards of logits over tensor-parallel ranks), on ``shard``'s device."""
+    ranks = group_size(group)
+    if ranks == 1:
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(ranks)]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
 def gather_objects(obj: Item, group: Optional[dist.ProcessGroup]) -> list[Item]:
     """``obj`` of every rank of ``group``, in group-rank order (pickled; for small metric payloads)."""
     if group_size(group) == 1:

@@ -51,10 +51,10 @@ def async_cell_overrides(plan: Plan, model: str, seed: int, variant: str, bound:
 
 def _job(rank, world_size, config_path: str, overrides: list[str]) -> dict:
     """One rank of a cell's job: the RL loop; the trainer reports its greedy accuracy before and after."""
-    from vespo_megatron.config import load_config
     from vespo_megatron.rl.loop import run
+    from vespo_megatron.run_config import load_run_config
 
-    result = run(load_config(config_path, overrides))
+    result = run(load_run_config(config_path, overrides))
     if result.role == "rollout":
         return {"role": "rollout"}
     return {"role": "trainer", "eval_before": result.eval_before, "eval_after": result.eval_after}

@@ -20,17 +20,17 @@ from vespo_megatron.study.summary import refresh, summarise
 def warm_start(plan: Plan, config_path: str, model: str, seed: int) -> dict:
     """Warm up once and save; a saved warm start from an earlier run with the same plan is reused."""
     from vespo_megatron.checkpoint import latest_checkpoint, save_checkpoint
-    from vespo_megatron.config import load_config
     from vespo_megatron.rl.evaluation import evaluate
     from vespo_megatron.rl.loop import build_trainer, checkpoint_state
     from vespo_megatron.rl.warmup import supervised_warmup
+    from vespo_megatron.run_config import load_run_config
 
     root = plan.unit_dir(model, seed) / "warm_start"
     info_path = root / "warm_start.json"
     if latest_checkpoint(root) is not None and info_path.is_file():
         return json.loads(info_path.read_text())
     m = plan.minibatch_sequences
-    config = load_config(config_path, unit_overrides(plan, model, seed) + [
+    config = load_run_config(config_path, unit_overrides(plan, model, seed) + [
         f"train.micro_batch_size={m}", f"train.global_batch_size={m}", f"optimizer.lr={WARMUP_LR}"])
     trainer = build_trainer(config)
     started = time.perf_counter()
@@ -47,17 +47,18 @@ def warm_start(plan: Plan, config_path: str, model: str, seed: int) -> dict:
 def run_cell(plan: Plan, config_path: str, model: str, seed: int, variant: str, n: int, lr: float) -> dict:
     """Load the warm start into a fresh engine, run ``plan.updates`` optimizer updates, summarise."""
     from vespo_megatron.checkpoint import latest_checkpoint, load_checkpoint
-    from vespo_megatron.config import config_to_dict, load_config
+    from vespo_megatron.config import config_to_dict
     from vespo_megatron.metrics import MetricsLogger
     from vespo_megatron.rl.evaluation import evaluate
     from vespo_megatron.rl.loop import build_trainer
     from vespo_megatron.rl.step import run_step
+    from vespo_megatron.run_config import load_run_config
 
     run_dir = plan.cell_dir(model, seed, variant, n, lr)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         return refresh(json.loads(summary_path.read_text()), plan.updates)
-    config = load_config(config_path, cell_overrides(plan, model, seed, variant, n, lr))
+    config = load_run_config(config_path, cell_overrides(plan, model, seed, variant, n, lr))
     # Built at the warm start's lr so its Adam state loads (Megatron matches parameter groups by lr), then
     # the schedule restarts at the cell's lr.
     trainer = build_trainer(dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, lr=WARMUP_LR)))

@@ -6,6 +6,12 @@ per-token and per-sequence fields (see :mod:`vespo_megatron.rl.batch`). Every ra
 the same micro-batches; with context parallelism each rank keeps its two load-balanced chunks of the
 sequence dimension (chunks r and 2*cp-1-r, :func:`~vespo_megatron.runtime.collectives.context_parallel_chunks`),
 the layout Megatron's attention expects.
+
+A *packed* micro-batch (:func:`packed_lm_batch`) is one ``[1, t]`` row holding several sequences one
+after another without padding (Megatron's THD format): ``position_ids`` restart at 0 for every sequence,
+``sequence_index`` names the sequence of each position (-1 on alignment padding) and ``cu_seqlens`` /
+``max_seqlen`` bound each sequence, from which :func:`packed_seq_params` builds Megatron's
+``PackedSeqParams`` so that attention stays within a sequence and RoPE restarts per sequence.
 """
 
 from __future__ import annotations
@@ -33,6 +39,61 @@ def causal_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor) -> dict:
         "loss_mask": loss_mask[:, 1:].float().contiguous(),
         "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous(),
     }
+
+
+def align_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= value`` (at least ``multiple``)."""
+    return max(-(-value // multiple), 1) * multiple
+
+
+def packed_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, lengths: list[int], align: int = 1) -> dict:
+    """One packed ``[1, t]`` row from ``sequences`` [b, s+1]: the first ``lengths[i]`` input positions of each.
+
+    Sequence ``i`` contributes tokens ``0 .. lengths[i]-1`` as inputs and ``1 .. lengths[i]`` as labels
+    (the same pairs :func:`causal_lm_batch` makes); a sequence of length 0 takes no position. The row is
+    padded at its end to a multiple of ``align`` (sequence parallelism splits it over TP ranks) with
+    positions of a segment of its own, never trained on. Extra fields: ``sequence_index`` [1, t] (long),
+    ``cu_seqlens`` [segments + 1] (int32, padding included as the last segment), ``max_seqlen`` (int).
+    """
+    if sequences.dim() != 2 or sequences.shape != loss_mask.shape or len(lengths) != sequences.shape[0]:
+        raise ValueError(f"sequences {tuple(sequences.shape)}, loss_mask {tuple(loss_mask.shape)} and "
+                         f"{len(lengths)} lengths must describe the same [batch, seq_len + 1] rows")
+    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "labels": [], "loss_mask": [], "position_ids": [],
+                                            "sequence_index": []}
+    segments = []
+    for index, length in enumerate(lengths):
+        if length == 0:
+            continue
+        parts["tokens"].append(sequences[index, :length])
+        parts["labels"].append(sequences[index, 1:length + 1])
+        parts["loss_mask"].append(loss_mask[index, 1:length + 1].float())
+        parts["position_ids"].append(torch.arange(length))
+        parts["sequence_index"].append(torch.full((length,), index, dtype=torch.long))
+        segments.append(length)
+    total = sum(segments)
+    padding = align_up(total, align) - total
+    if padding:
+        parts["tokens"].append(torch.zeros(padding, dtype=sequences.dtype))
+        parts["labels"].append(torch.zeros(padding, dtype=sequences.dtype))
+        parts["loss_mask"].append(torch.zeros(padding))
+        parts["position_ids"].append(torch.arange(padding))
+        parts["sequence_index"].append(torch.full((padding,), -1, dtype=torch.long))
+        segments.append(padding)
+    batch = {key: torch.cat(values).unsqueeze(0).contiguous() for key, values in parts.items()}
+    batch["cu_seqlens"] = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    batch["max_seqlen"] = max(segments)
+    return batch
+
+
+def packed_seq_params(batch: dict):
+    """Megatron's ``PackedSeqParams`` (THD) of a packed micro-batch on its device; None for a padded one."""
+    if "cu_seqlens" not in batch:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens, longest = batch["cu_seqlens"], int(batch["max_seqlen"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def shard_micro_batch(batch: dict, ctx: ParallelContext) -> dict:

@@ -19,9 +19,10 @@ from typing import Any, Optional
 import torch
 
 from vespo_megatron.config import Config
-from vespo_megatron.models.gpt import BuiltModel, build_model, count_parameters
+from vespo_megatron.models.gpt import BuiltModel, build_model, count_parameters, unwrap
 from vespo_megatron.runtime.collectives import from_last_stage, object_from_last_stage, sum_over
 from vespo_megatron.runtime.distributed import ParallelContext
+from vespo_megatron.runtime.global_state import reset_megatron_globals
 from vespo_megatron.train.megatron_loss import LossHead, make_forward_step
 
 
@@ -184,8 +185,6 @@ class Engine:
 
     def freeze_reference(self) -> None:
         """Snapshot the current weights into frozen, gradient-free model chunks (the KL reference)."""
-        from vespo_megatron.models.gpt import unwrap
-
         self.gather_params()
         reference = build_model(self.config, self.built.padded_vocab_size).chunks
         for ref, live in zip(reference, self.chunks):
@@ -274,15 +273,13 @@ class Engine:
         if model.moe_aux_loss_coeff == 0:
             self.built.tconfig.moe_aux_loss_coeff = 0.0
             return
-        (loss_tokens,) = sum_over([sum(float(b["loss_mask"].sum()) for b in micro_batches)], self.ctx.dp_cp_group)
-        tokens = micro_batches[0]["tokens"]
-        routed = len(micro_batches) * self.ctx.dp * tokens.shape[0] * tokens.shape[1] * self.ctx.cp
+        # micro-batches may differ in shape (token budget, packing): count each one's routed positions
+        loss_tokens, routed = sum_over([sum(float(b["loss_mask"].sum()) for b in micro_batches),
+                                        sum(b["tokens"].numel() for b in micro_batches)], self.ctx.dp_cp_group)
         self.built.tconfig.moe_aux_loss_coeff = model.moe_aux_loss_coeff * max(float(loss_tokens), 1.0) / routed
 
     def close(self) -> None:
         """Release what this engine left in Megatron's process-wide state (MoE trackers, aux-loss scales)."""
-        from vespo_megatron.runtime.global_state import reset_megatron_globals
-
         reset_megatron_globals()
 
     def forward_only(self, micro_batches: list[dict], loss_head: LossHead, emit_hidden_states: bool = True,
@@ -323,8 +320,6 @@ def build_engine(config: Config, ctx: ParallelContext, vocab_size: int, hf_weigh
     ``model.hf_path`` set and ``hf_weights`` true the chunks start from that folder's weights
     (:func:`vespo_megatron.models.hf.load_hf_weights`); a run about to resume passes False.
     """
-    from vespo_megatron.runtime.global_state import reset_megatron_globals
-
     reset_megatron_globals()
     built = build_model(config, vocab_size)
     if config.model.hf_path and hf_weights:

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from vespo_megatron.models.gpt import unwrap
-from vespo_megatron.train.batches import batch_to_device
+from vespo_megatron.models.gpt import model_device, unwrap
+from vespo_megatron.train.batches import batch_to_device, packed_seq_params
 
 # loss_head(output, batch, model_chunk) -> (loss_sum, num_tokens, reported: dict[str, tensor])
 LossHead = Callable[[Any, dict, Any], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -47,7 +47,10 @@ def rescale_for_global_normaliser(
 
 
 def make_forward_step(loss_head: LossHead, emit_hidden_states: bool) -> Callable:
-    """A Megatron ``forward_step_func`` that runs one micro-batch and hands its output to ``loss_head``."""
+    """A Megatron ``forward_step_func`` that runs one micro-batch and hands its output to ``loss_head``.
+
+    A packed micro-batch (``cu_seqlens`` present) runs in Megatron's THD format with ``PackedSeqParams``.
+    """
 
     def forward_step(data_iterator: Iterator[dict], model):
         inner = unwrap(model)
@@ -58,17 +61,11 @@ def make_forward_step(loss_head: LossHead, emit_hidden_states: bool) -> Callable
             batch["position_ids"],
             None,
             labels=None if emit_hidden_states else batch.get("labels"),
+            packed_seq_params=packed_seq_params(batch),
         )
         return output, partial(_call_head, loss_head, batch, model)
 
     return forward_step
-
-
-def model_device(model) -> torch.device:
-    """The device ``model``'s parameters live on (CPU for a model without parameters)."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 def _call_head(loss_head: LossHead, batch: dict, model, output):

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic Megatron dist-checkpoint saves, resharding loads, preemption flag.
+"""Checkpoint store: atomic Megatron dist-checkpoint saves, resharding loads, ``latest``, pruning.
 
 A checkpoint is ``ROOT/step_{step:08d}/`` holding a Megatron ``dist_checkpointing`` save of the
 model chunks and the optimizer (``dist/``), the scheduler and iteration as JSON
@@ -11,23 +11,23 @@ layout, the resume semantics and the reasons.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import pickle
-import random
 import re
 import shutil
-import signal
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.checkpoint.optimizer_fixes import allocate_adam_state, torch_adam_load_fixes
+from vespo_megatron.checkpoint.rng import rng_state, set_rng_state
+from vespo_megatron.checkpoint.safe_load import check_dcp_metadata, load_weights_only
+from vespo_megatron.models.gpt import unwrap
 from vespo_megatron.runtime.distributed import collective_device
 from vespo_megatron.runtime.files import fsync_dir, write_atomic
 
@@ -41,10 +41,6 @@ RANKS_DIR = "ranks"
 # in megatron-core 0.16.1 and 0.19.2 ("ShardedTensor.flattened_range is not supported").
 DISTOPT_SHARDING_TYPE = "fully_reshardable"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file would need unpickling of objects outside the allowed set."""
 
 
 class LoadedCheckpoint(dict):
@@ -193,14 +189,12 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
     same_optimizer = state["optimizer"] == _optimizer_kind(engine)
     load_optimizer = same_optimizer and state["optimizer_saved"]
     if load_optimizer:
-        _allocate_adam_state(engine.optimizer)
+        allocate_adam_state(engine.optimizer)
     load_reference = engine.reference_chunks is not None and state.get("reference_saved", False)
     request = _sharded_state(engine, is_loading=True, with_optimizer=load_optimizer, with_reference=load_reference)
     request, local_objects = _split_sharded_objects(request)
     loaded = dist_checkpointing.load(request, str(path / DIST_DIR))
     _merge_local_objects(loaded, local_objects)
-
-    from vespo_megatron.models.gpt import unwrap
 
     for index, chunk in enumerate(engine.chunks):
         unwrap(chunk).load_state_dict(loaded[f"model{index}"])
@@ -215,7 +209,7 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
                 source = loaded[f"model{index}"]
             unwrap(chunk).load_state_dict(source)
     if load_optimizer:
-        with _torch_adam_load_fixes(engine.optimizer):
+        with torch_adam_load_fixes(engine.optimizer):
             engine.optimizer.load_state_dict(loaded["optimizer"])
     else:
         engine.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
@@ -225,7 +219,7 @@ def load_checkpoint(engine, path) -> LoadedCheckpoint:
     engine.scheduler.load_state_dict(state["scheduler"])
     engine.iteration = state["iteration"]
     if layout_matches:
-        _set_rng_state(rank_state["rng"])
+        set_rng_state(rank_state["rng"])
     else:
         warnings.warn(f"{path}: saved with layout {state['layout']}, running {_layout(engine.ctx)}; "
                       "RNG states not restored, extra_state is rank 0's")
@@ -264,69 +258,18 @@ def _all_ranks_or_none(check):
     return result
 
 
-def load_weights_only(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, else UnsafeCheckpointError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(f"{path} holds objects a weights-only load refuses; it was not "
-                                    f"written by vespo_megatron or was tampered with: {exc}") from exc
-
-
-# ------------------------------------------------------------------------------- what is unpickled
-
-
-# What torch.distributed.checkpoint writes into ``.metadata`` (a pickle that torch reads with a plain
-# ``pickle.load``): its metadata/planner dataclasses and enums, torch.Size, dtypes and layouts. None of
-# these runs code beyond a generated __init__ or a name lookup when unpickled.
-_DCP_RECORD_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-_ALLOWED_GLOBALS = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        import dataclasses
-        import enum
-
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module in _DCP_RECORD_MODULES:
-            obj = super().find_class(module, name)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                         torch.memory_format)):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(f"checkpoint metadata references {module}.{name}, which a "
-                                    "torch.distributed.checkpoint .metadata file never holds")
-
-
-def check_dcp_metadata(path: Path) -> None:
-    """Unpickle a torch.distributed.checkpoint ``.metadata`` file with an allow-list; raise if it strays.
-
-    torch reads that file with ``pickle.load``; this check runs first, so a file that names any
-    other global never reaches torch.
-    """
-    try:
-        with open(path, "rb") as handle:
-            _MetadataUnpickler(handle).load()
-    except UnsafeCheckpointError:
-        raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
-        raise UnsafeCheckpointError(f"{path} is not a readable checkpoint metadata file: {exc}") from exc
+def _optimizer_has_state(optimizer) -> bool:
+    inners = [getattr(member, "optimizer", None) for member in getattr(optimizer, "chained_optimizers", [optimizer])]
+    stepped = torch.tensor([int(any(inner is not None and len(inner.state) > 0 for inner in inners))],
+                           device=collective_device())
+    dist.all_reduce(stepped, op=dist.ReduceOp.MAX)
+    return bool(stepped.item())
 
 
 # --------------------------------------------------------------------------------- state contents
 
 
 def _sharded_state(engine, is_loading: bool, with_optimizer: bool = True, with_reference: bool = True) -> dict:
-    from vespo_megatron.models.gpt import unwrap
-
     state = {f"model{index}": unwrap(chunk).sharded_state_dict() for index, chunk in enumerate(engine.chunks)}
     if with_optimizer:
         model_state = dict(state)
@@ -360,68 +303,6 @@ def _merge_local_objects(loaded: dict, objects: dict) -> None:
     merge(loaded, dict_list_map_inplace(lambda sharded_object: sharded_object.data, objects))
 
 
-def _allocate_adam_state(optimizer) -> None:
-    """Give a torch Adam that has not stepped yet zero state, ``step`` included, to be overwritten by the load.
-
-    Megatron's DistributedOptimizer reads ``step`` from the torch optimizer's state while building
-    its state dict; with torch's Adam (no TE/apex, e.g. on CPU) a fresh optimizer has none.
-    """
-    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(member, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                if not inner.state[param]:
-                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
-                                          "exp_avg_sq": torch.zeros_like(param)}
-
-
-@contextlib.contextmanager
-def _torch_adam_load_fixes(optimizer):
-    """Two fixes for DistributedOptimizer loads with torch's Adam (found on megatron-core 0.16.1, no TE/apex).
-
-    Its load puts one shared ``step`` tensor into every parameter's torch state, then copies every
-    state entry from the checkpoint tensors, which leave ``step`` out (KeyError: 'step'). The
-    wrapper hands the just-set ``step`` back as its own source, so that copy is a no-op; afterwards
-    each parameter gets its own ``step`` (torch's Adam increments it in place, once per parameter).
-    With TE/apex there is no ``step`` in the state and nothing changes.
-    """
-    patched = []
-    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
-        original = getattr(member, "_set_main_param_and_optimizer_states", None)
-        if original is None:
-            continue
-
-        def set_states(model_param, tensors, member=member, original=original):
-            group_index, group_order = member.model_param_group_index_map[model_param]
-            main_param = member.optimizer.param_groups[group_index]["params"][group_order]
-            step = member.optimizer.state[main_param].get("step")
-            if step is not None and "step" not in tensors:
-                tensors = {**tensors, "step": step}
-            original(model_param, tensors)
-
-        member._set_main_param_and_optimizer_states = set_states
-        patched.append(member)
-    try:
-        yield
-    finally:
-        for member in patched:
-            del member._set_main_param_and_optimizer_states
-    for member in patched:
-        for state in member.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
-def _optimizer_has_state(optimizer) -> bool:
-    inners = [getattr(member, "optimizer", None) for member in getattr(optimizer, "chained_optimizers", [optimizer])]
-    stepped = torch.tensor([int(any(inner is not None and len(inner.state) > 0 for inner in inners))],
-                           device=collective_device())
-    dist.all_reduce(stepped, op=dist.ReduceOp.MAX)
-    return bool(stepped.item())
-
-
 def _layout(ctx) -> dict:
     return {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "vpp": ctx.vpp, "cp": ctx.cp,
             "ep": ctx.ep, "etp": ctx.etp, "dp": ctx.dp}
@@ -439,7 +320,7 @@ def _rank_file_bytes(engine, extra_state: dict) -> bytes:
         "rank": {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "cp_rank": ctx.cp_rank,
                  "ep_rank": ctx.ep_rank, "dp_rank": ctx.dp_rank},
         "layout": _layout(ctx),
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "extra_state": dict(extra_state),
     }
     buffer = io.BytesIO()
@@ -452,74 +333,3 @@ def _rank_file_bytes(engine, extra_state: dict) -> bytes:
         raise TypeError(f"extra_state must hold only tensors and plain values (dict, list, tuple, str, int, "
                         f"float, bool, None): {exc}") from exc
     return buffer.getvalue()
-
-
-def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "tracker": {key: value.cpu() for key, value in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
-
-
-# ------------------------------------------------------------------------------------- preemption
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; the training loop polls it and saves before exiting.
-
-    The handler only records the signal. ``should_stop`` all-reduces the flag (MAX), so every rank
-    sees the same answer at the same step even if the signal reached only some of them.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        self.requested = True
-        self.signum = signum
-
-    def should_stop(self, group=None) -> bool:
-        """True on every rank of ``group`` (default: the world) when any of them got the signal."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=collective_device(group))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
-
-    def uninstall(self) -> None:
-        """Put back the handlers that were there before."""
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
-
-
-def install_preemption_handler(signals=(signal.SIGTERM, signal.SIGUSR1)) -> PreemptionFlag:
-    """Install a handler for ``signals`` (main thread only) that sets the returned flag."""
-    flag = PreemptionFlag()
-    for signum in signals:
-        flag._previous[signum] = signal.signal(signum, flag._handle)
-    return flag
