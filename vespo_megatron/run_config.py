@@ -14,9 +14,13 @@ from pathlib import Path
 
 from vespo_megatron.config import Config, config_from_dict, load_config_data
 from vespo_megatron.models.hf import resolve_hf_model
+from vespo_megatron.rollout.vllm.environment import check_engine_environment
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """``load_config(path, overrides)`` with the ``model`` section resolved from ``model.hf_path`` when set."""
+    """``load_config(path, overrides)`` with the ``model`` section resolved from ``model.hf_path`` when set, and
+    the rollout engine's environment checked (``rollout.engine=vllm``: the engine installed, its URLs answering)."""
     data = load_config_data(path, overrides)
-    return resolve_hf_model(config_from_dict(data), given_keys=data.get("model") or {})
+    config = resolve_hf_model(config_from_dict(data), given_keys=data.get("model") or {})
+    check_engine_environment(config)
+    return config

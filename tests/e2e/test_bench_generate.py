@@ -62,11 +62,11 @@ def test_bench_generate_rejects_unknown_engines():
 
 def _reference_worker(rank, world, hf_dir):
     from vespo_megatron.bench.generate import RESET, hf_reference, prompt_logits
-    from vespo_megatron.config import load_config
+    from vespo_megatron.run_config import load_run_config
     from vespo_megatron.runtime.distributed import initialize
     from vespo_megatron.train.engine import build_engine
 
-    config = load_config(None, RESET + [f"model.hf_path={hf_dir}", "model.max_seq_length=16"])
+    config = load_run_config(None, RESET + [f"model.hf_path={hf_dir}", "model.max_seq_length=16"])
     engine = build_engine(config, initialize(config), vocab_size=config.model.vocab_size)
     hf = hf_reference(engine, config)
     ids = torch.randint(3, config.model.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))

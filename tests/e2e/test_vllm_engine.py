@@ -29,6 +29,7 @@ import torch
 from tests.e2e.rl_fixtures import write_jsonl
 from tests.hf_fixtures import build_hf_model, megatron_logits
 from vespo_megatron.config import ConfigError, load_config, validate
+from vespo_megatron.run_config import load_run_config
 from vespo_megatron.config.rl import VllmConfig
 from vespo_megatron.runtime.local_workers import run_local_workers
 
@@ -99,7 +100,7 @@ def _tp2_push_worker(rank, world, overrides):
     from vespo_megatron.rl.loop import build_trainer
     from vespo_megatron.rollout.vllm.client import SamplingSettings
 
-    trainer = build_trainer(load_config(None, overrides))
+    trainer = build_trainer(load_run_config(None, overrides))
     engine, served = trainer.context.engine, trainer.served
     with torch.no_grad():  # weights the HF folder never had; replicated parameters stay equal over TP
         for index, (name, param) in enumerate(sorted(engine.chunks[0].named_parameters())):
@@ -154,7 +155,7 @@ def _three_steps_worker(rank, world, overrides):
     from vespo_megatron.rl.loop import build_trainer
     from vespo_megatron.rl.step import run_step
 
-    trainer = build_trainer(load_config(None, overrides))
+    trainer = build_trainer(load_run_config(None, overrides))
     context, state, served = trainer.context, trainer.state, trainer.served
     taken, steps = [], []
     original_take = served.take
@@ -180,7 +181,7 @@ def _three_steps_worker(rank, world, overrides):
 def _replay_worker(rank, world, overrides):
     from vespo_megatron.rl.loop import run
 
-    trainer = run(load_config(None, overrides))
+    trainer = run(load_run_config(None, overrides))
     return trainer.state.history
 
 
@@ -236,7 +237,7 @@ def test_async_run_keeps_the_bound_and_resumes_with_steps_in_flight(hf_dir, serv
     overrides = _common(hf_dir, tmp_path / "run", servers.urls, prompts) + [
         "train.steps=4", "rl.max_staleness=2", "rl.sync_every=1", f"checkpoint.dir={ckpt}",
         "checkpoint.save_every=2"]
-    config = load_config(None, overrides)
+    config = load_run_config(None, overrides)
     assert config.rl.lookahead_steps == 2
     run_local_workers(_replay_worker, 1, overrides, timeout_s=900)
     records = _metrics(tmp_path / "run")
@@ -264,7 +265,7 @@ def test_async_run_keeps_the_bound_and_resumes_with_steps_in_flight(hf_dir, serv
 
 def _config_error(overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as caught:
-        validate(load_config(None, overrides), 1)
+        validate(load_run_config(None, overrides), 1)
     message = str(caught.value)
     assert "\n" not in message
     return message

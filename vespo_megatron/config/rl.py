@@ -113,21 +113,21 @@ class VllmConfig:
     """Seconds one generation or control request may take before its server counts as failed."""
 
     def __post_init__(self) -> None:
-        _require(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.urls),
+        require(all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in self.urls),
                  f"rollout.vllm.urls={self.urls!r} must be http(s)://host:port addresses (or empty to start servers)")
-        _require(self.servers >= 1, f"rollout.vllm.servers={self.servers} must be >= 1")
-        _require(self.tensor_parallel_size >= 1,
+        require(self.servers >= 1, f"rollout.vllm.servers={self.servers} must be >= 1")
+        require(self.tensor_parallel_size >= 1,
                  f"rollout.vllm.tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
-        _require(self.max_model_len is None or self.max_model_len >= 2,
+        require(self.max_model_len is None or self.max_model_len >= 2,
                  f"rollout.vllm.max_model_len={self.max_model_len} must be >= 2 or null (train.seq_length + 1)")
-        _require(self.kv_cache_bytes >= 1024**2,
+        require(self.kv_cache_bytes >= 1024**2,
                  f"rollout.vllm.kv_cache_bytes={self.kv_cache_bytes} must be >= 1048576 (1 MiB)")
-        _require(self.max_num_seqs >= 1, f"rollout.vllm.max_num_seqs={self.max_num_seqs} must be >= 1")
-        _require(all(isinstance(a, str) for a in self.extra_args),
+        require(self.max_num_seqs >= 1, f"rollout.vllm.max_num_seqs={self.max_num_seqs} must be >= 1")
+        require(all(isinstance(a, str) for a in self.extra_args),
                  f"rollout.vllm.extra_args={self.extra_args!r} must be a list of strings")
-        _require(self.sync_bucket_mb > 0, f"rollout.vllm.sync_bucket_mb={self.sync_bucket_mb} must be > 0")
-        _require(self.startup_timeout_s > 0, f"rollout.vllm.startup_timeout_s={self.startup_timeout_s} must be > 0")
-        _require(self.request_timeout_s > 0, f"rollout.vllm.request_timeout_s={self.request_timeout_s} must be > 0")
+        require(self.sync_bucket_mb > 0, f"rollout.vllm.sync_bucket_mb={self.sync_bucket_mb} must be > 0")
+        require(self.startup_timeout_s > 0, f"rollout.vllm.startup_timeout_s={self.startup_timeout_s} must be > 0")
+        require(self.request_timeout_s > 0, f"rollout.vllm.request_timeout_s={self.request_timeout_s} must be > 0")
 
 
 @dataclass(kw_only=True)

@@ -7,7 +7,7 @@ import math
 from vespo_megatron.config.errors import divisors, require
 from vespo_megatron.config.model import ModelConfig
 from vespo_megatron.config.parallel import ParallelConfig
-from vespo_megatron.config.rl import worst_staleness
+from vespo_megatron.config.rl import VLLM_CPU_HEAD_SIZES, worst_staleness
 from vespo_megatron.config.run import Config
 
 
@@ -93,13 +93,11 @@ def _validate_disaggregated(config: Config, world_size: int) -> None:
 
 def _require_sync_within_bound(rl) -> None:
     """Pushes every rl.sync_every updates must keep even lookahead-0 rollouts within rl.max_staleness."""
-    from vespo_megatron.config.rl import worst_staleness
-
     worst = worst_staleness(0, rl.num_minibatches, rl.sync_every)
     require(rl.max_staleness is None or worst <= rl.max_staleness,
-             f"rl.sync_every={rl.sync_every} with rl.num_minibatches={rl.num_minibatches} lets rollouts reach "
-             f"staleness {worst} > rl.max_staleness={rl.max_staleness} even without lookahead; lower sync_every "
-             f"or raise max_staleness")
+            f"rl.sync_every={rl.sync_every} with rl.num_minibatches={rl.num_minibatches} lets rollouts reach "
+            f"staleness {worst} > rl.max_staleness={rl.max_staleness} even without lookahead; lower sync_every "
+            f"or raise max_staleness")
 
 
 def _validate_grid(par: ParallelConfig, world_size: int) -> None:
@@ -348,11 +346,10 @@ def _validate_hf(config: Config) -> None:
 
 
 def _validate_vllm(config: Config) -> None:
-    """rollout.engine=vllm: what the servers need, then the engine's install and the given URLs (network)."""
+    """rollout.engine=vllm: what the servers need (the engine's install and the URLs are probed by
+    :func:`vespo_megatron.run_config.load_run_config`, which may touch the network)."""
     if config.rollout.engine != "vllm":
         return
-    from vespo_megatron.rollout.vllm.environment import check_engine_installed, check_head_size, check_reachable
-
     rollout, rl, settings, model = config.rollout, config.rl, config.rollout.vllm, config.model
     require(bool(model.hf_path),
              "rollout.engine=vllm needs model.hf_path (the servers load that HF folder, then take the trainer's "
@@ -382,8 +379,8 @@ def _validate_vllm(config: Config) -> None:
     require(settings.max_model_len is None or settings.max_model_len >= needed,
              f"rollout.vllm.max_model_len={settings.max_model_len} is shorter than train.seq_length + 1 = {needed} "
              f"(a prompt plus its response); raise it or leave it null")
-    check_head_size(model.kv_channels or model.hidden_size // model.num_attention_heads, settings)
-    if not settings.urls:
-        check_engine_installed(settings)
-    for index, url in enumerate(settings.urls):
-        check_reachable(url, f"rollout.vllm.urls[{index}]")
+    head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+    require(settings.device != "cpu" or head_dim in VLLM_CPU_HEAD_SIZES,
+            f"model head size {head_dim} (model.kv_channels, or hidden_size/num_attention_heads) is not one the "
+            f"CPU vLLM engine runs {VLLM_CPU_HEAD_SIZES}; use such a model, or rollout.vllm.device=gpu for GPU "
+            "servers")

@@ -80,6 +80,21 @@ def check_reachable(url: str, key: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"{key}={url!r} answered /health with HTTP {status}; the vLLM server is not ready")
 
 
+def check_engine_environment(config) -> None:
+    """rollout.engine=vllm: the engine is installed (servers started here) and every given URL answers.
+
+    Probes the file system and the network, so it runs where a run's config is loaded
+    (:func:`vespo_megatron.run_config.load_run_config`), before any process group exists.
+    """
+    if config.rollout.engine != "vllm":
+        return
+    settings = config.rollout.vllm
+    if not settings.urls:
+        check_engine_installed(settings)
+    for index, url in enumerate(settings.urls):
+        check_reachable(url, f"rollout.vllm.urls[{index}]")
+
+
 def check_head_size(head_dim: int, settings: VllmConfig) -> None:
     """The CPU engine's attention runs only some head sizes: raise a ConfigError for any other."""
     if settings.device == "cpu" and head_dim not in VLLM_CPU_HEAD_SIZES:
