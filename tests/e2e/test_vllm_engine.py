@@ -220,7 +220,9 @@ def test_three_steps_follow_the_trainer_and_match_the_colocated_loss(hf_dir, ser
     colocated = [json.loads(line) for line in (tmp_path / "replay" / "metrics.jsonl").read_text().splitlines()]
     for step, record in enumerate(result["steps"]):
         served_loss, colocated_loss = record["metrics"]["loss/value"], colocated[step]["loss/value"]
-        assert abs(served_loss - colocated_loss) < TOL, f"step {step}: {served_loss} vs colocated {colocated_loss}"
+        # mu comes from another engine: its sequence log-probs differ from the trainer's by up to the mismatch bound
+        # above (8 x TOL), and the loss moves with log W through phi' * A * S / tokens, of order one here
+        assert abs(served_loss - colocated_loss) < TOL * 8, f"step {step}: {served_loss} vs colocated {colocated_loss}"
         assert record["metrics"]["reward/mean"] == pytest.approx(colocated[step]["reward/mean"])
 
 
