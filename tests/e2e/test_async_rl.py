@@ -176,10 +176,10 @@ def _trainer_signalling_itself(rank, world_size, overrides_, at_step, signum=sig
 
     original = loop.run_step
 
-    def run_step(context, state, link=None, stop_requested=None):
+    def run_step(context, state, *args, **kwargs):
         if state.step + 1 == at_step:
             os.kill(os.getpid(), signum)
-        return original(context, state, link, stop_requested)
+        return original(context, state, *args, **kwargs)
 
     loop.run_step = run_step
     return _run_and_weights(rank, world_size, overrides_)
