@@ -28,7 +28,8 @@ import torch
 
 from tests.e2e.rl_fixtures import write_jsonl
 from tests.hf_fixtures import build_hf_model, megatron_logits
-from vespo_megatron.config import ConfigError, load_config, validate
+from vespo_megatron.config import ConfigError, config_from_dict, load_config, load_config_data, validate
+from vespo_megatron.models.hf import resolve_hf_model
 from vespo_megatron.run_config import load_run_config
 from vespo_megatron.config.rl import VllmConfig
 from vespo_megatron.runtime.local_workers import run_local_workers
@@ -265,9 +266,15 @@ def test_async_run_keeps_the_bound_and_resumes_with_steps_in_flight(hf_dir, serv
 # ----------------------------------------------------------------------------- (e) bad configs, one line
 
 
-def _config_error(overrides: list[str]) -> str:
+def _config_error(overrides: list[str], environment: bool = False) -> str:
+    """The one-line error of ``overrides``: from validation of the resolved config (no engine needed), or with
+    ``environment`` from ``load_run_config``'s probes of the engine's install and URLs."""
     with pytest.raises(ConfigError) as caught:
-        validate(load_run_config(None, overrides), 1)
+        if environment:
+            load_run_config(None, overrides)
+        else:
+            data = load_config_data(None, overrides)
+            validate(resolve_hf_model(config_from_dict(data), given_keys=data.get("model") or {}), 1)
     message = str(caught.value)
     assert "\n" not in message
     return message
@@ -280,12 +287,13 @@ def test_bad_vllm_configs_fail_before_any_process_group(tmp_path):
     base = ["rollout.engine=vllm", "model.max_seq_length=48", f"rollout.vllm.env_path={OVERLAY}"]
     message = _config_error(base + [f"model.hf_path={head16}"])
     assert "head size 16" in message and "rollout.vllm.device" in message
-    message = _config_error(base + [f"model.hf_path={head32}", f"rollout.vllm.env_path={tmp_path / 'none'}"])
+    message = _config_error(base + [f"model.hf_path={head32}", f"rollout.vllm.env_path={tmp_path / 'none'}"],
+                            environment=True)
     assert message.startswith("rollout.vllm.env_path=") and "setup_env.sh vllm" in message
     from vespo_megatron.rollout.vllm.servers import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
-    message = _config_error(base + [f"model.hf_path={head32}", f"rollout.vllm.urls=[{url}]"])
+    message = _config_error(base + [f"model.hf_path={head32}", f"rollout.vllm.urls=[{url}]"], environment=True)
     assert message.startswith(f"rollout.vllm.urls[0]='{url}' is unreachable")
     message = _config_error(base + [f"model.hf_path={head32}", "loss.behaviour=recompute"])
     assert "loss.behaviour=sampler" in message
