@@ -15,7 +15,7 @@ import torch
 
 from vespo_megatron.config import RolloutConfig
 from vespo_megatron.rollout.sampling import sample_next_tokens
-from vespo_megatron.runtime.collectives import any_over, from_last_stage, gather_last_dim
+from vespo_megatron.runtime.collectives import from_last_stage, gather_last_dim
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,6 @@ def hits_stop(response: list[int], eos_id, stop_sequences: tuple[tuple[int, ...]
     return any(len(response) >= len(stop) and tuple(response[-len(stop):]) == stop for stop in stop_sequences)
 
 
-def any_rank_active(active: bool, group) -> bool:
-    """OR of ``active`` over ``group`` (ranks that must run the same number of forwards)."""
-    return any_over(active, group)
-
-
 def lockstep_group(engine):
     """The data-parallel group when MoE expert parallelism couples data-parallel ranks' forwards, else None.
 
@@ -180,7 +175,7 @@ def shard_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int = L
 
 def gather_vocab(shard: torch.Tensor, ctx) -> torch.Tensor:
     """Full-vocabulary logits ``[b, V]`` from this rank's vocabulary shard ``[b, V / tp]`` (all-gather over TP)."""
-    return gather_last_dim(shard, ctx.tp_group) if ctx.tp > 1 else shard
+    return gather_last_dim(shard, ctx.tp_group)
 
 
 def sample_and_share(logits: Optional[torch.Tensor], n: int, uniforms: torch.Tensor, request: DecodeRequest,

@@ -52,7 +52,6 @@ from vespo_megatron.models.routing import routing_recorder, tokens_to_sequences,
 from vespo_megatron.rollout.common import (
     DecodeRequest,
     Generated,
-    any_rank_active,
     check_prompts,
     hits_stop,
     lockstep_group,
@@ -63,6 +62,7 @@ from vespo_megatron.rollout.common import (
 )
 from vespo_megatron.rollout.decode_step import LeanDecodeStep, announce_decode_path
 from vespo_megatron.rollout.forward import PipelineForward, inference_mode, keep_alive, last_token_logits
+from vespo_megatron.runtime.collectives import any_over
 
 
 def kv_cache_bytes(context) -> int:
@@ -190,7 +190,7 @@ def decode(
         return finished
 
     with inference_mode(engine), recorder.recording() if recorder is not None else nullcontext():
-        while any_rank_active(len(state.live) > 0, lockstep):
+        while any_over(len(state.live) > 0, lockstep):
             if not len(state.live):
                 keep_alive(forward, request.pad_id)
                 if recorder is not None:

@@ -18,7 +18,6 @@ from vespo_megatron.models.gpt import full_hidden, unwrap
 from vespo_megatron.rollout.common import (
     DecodeRequest,
     Generated,
-    any_rank_active,
     check_prompts,
     gather_vocab,
     hits_stop,
@@ -28,7 +27,7 @@ from vespo_megatron.rollout.common import (
     shard_logits,
     uniforms_table,
 )
-from vespo_megatron.runtime.collectives import context_parallel_chunks, sum_tensor_over
+from vespo_megatron.runtime.collectives import any_over, context_parallel_chunks, sum_tensor_over
 from vespo_megatron.train.batches import shard_micro_batch
 
 
@@ -82,7 +81,7 @@ def generate(engine, prompts: list[list[int]], request: DecodeRequest) -> Genera
     head = _logits_head(ctx)
     lockstep = lockstep_group(engine)
     for step in range(settings.max_new_tokens):
-        if not any_rank_active(n > 0 and not bool(finished.all()), lockstep):
+        if not any_over(n > 0 and not bool(finished.all()), lockstep):
             break
         positions = lengths - 1
         micro = []
