@@ -386,6 +386,34 @@ def test_default_disaggregated_run_puts_the_lag_into_log_w_and_reports_the_misma
         assert abs(record["mismatch/kl_k1_per_seq"]) < 1e-4, record
 
 
+def _mismatch_by_own_forward(rank, world_size, overrides_):
+    """The RL loop with the mismatch metrics' trainer log-probs from a forward pass of their own, never from
+    the update."""
+    from vespo_megatron.rl import behaviour, step
+
+    behaviour.update_measures_mismatch = step.update_measures_mismatch = lambda config, engine: False
+    return _run_and_weights(rank, world_size, overrides_)
+
+
+@pytest.mark.parametrize("loss", ["vespo", "grpo"])
+def test_mismatch_from_the_update_equals_a_forward_pass_of_its_own(tmp_path, loss):
+    """With one mini-batch the update's own forward gives the mismatch metrics (no extra pass): the same
+    numbers as the separate forward at the weights the rollout enters training with, at lag 2."""
+    common = ["train.steps=4", "rl.max_staleness=2", "optimizer.lr=1e-2", "optimizer.weight_decay=0.5",
+              f"loss.name={loss}", *SPLIT]
+    run_local_workers(_run_and_weights, 2, overrides(tmp_path / "update", *common), timeout_s=600)
+    run_local_workers(_mismatch_by_own_forward, 2, overrides(tmp_path / "forward", *common), timeout_s=600)
+    from_update = deterministic_records(tmp_path / "update" / "run")
+    from_forward = deterministic_records(tmp_path / "forward" / "run")
+    assert len(from_update) == len(from_forward) == 4
+    for a, b in zip(from_update, from_forward):
+        keys = sorted(k for k in b if k.startswith("mismatch/"))
+        assert keys and keys == sorted(k for k in a if k.startswith("mismatch/"))
+        for key in keys:  # fp32 sums of tens of nats summed in another order: differences ~1e-6
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+    assert from_update[-1]["mismatch/seq_abs_log_ratio_mean"] > 1e-3  # the lag is in it: not two zeros compared
+
+
 def _counting_decodes(rank, world_size, overrides_):
     """The RL loop; a rollout worker counts its calls into the sampler."""
     from vespo_megatron.rl import worker

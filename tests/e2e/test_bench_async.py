@@ -31,3 +31,12 @@ def test_bench_async_with_partial_rollouts_json(capsys):
     for key in ("speedup", "speedup_partial"):
         assert math.isfinite(result[key]) and result[key] > 0
     assert len(result["loadavg_before"]) == 3 and result["torch_threads"] >= 1
+
+
+def test_repeats_report_each_figure_s_median_and_every_repeat():
+    from vespo_megatron.bench.async_rl import median_figures
+
+    repeats = [{"seconds_per_update": 0.5, "tokens_per_s": 100.0}, {"seconds_per_update": 0.9, "tokens_per_s": 50.0},
+               {"seconds_per_update": 0.6, "tokens_per_s": 80.0}]
+    assert median_figures(repeats) == {"seconds_per_update": 0.6, "tokens_per_s": 80.0,
+                                       "seconds_per_update_repeats": [0.5, 0.9, 0.6]}

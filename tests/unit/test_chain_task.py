@@ -11,7 +11,13 @@ import pytest
 
 from vespo_megatron.config import load_config, validate
 from vespo_megatron.tasks import TASKS, ArithmeticTask, ChainArithmeticTask, build_task, chain_reward
-from vespo_megatron.tasks.chain_arithmetic import final_answer, is_well_formed, problem_split, solve
+from vespo_megatron.tasks.chain_arithmetic import (
+    final_answer,
+    is_well_formed,
+    problem_split,
+    slipped_solution,
+    solve,
+)
 from vespo_megatron.tokenizer import load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -183,11 +189,33 @@ def test_default_held_out_is_the_seed_offset():
         (dict(format_reward=1.0), "chain.format_reward"),
         (dict(split="test"), "chain.split='test'"),
         (dict(eval_fraction=0.0), "chain.eval_fraction"),
+        (dict(teacher_slip_rate=1.5), "chain.teacher_slip_rate=1.5"),
     ],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=re.escape(match)):
         ChainArithmeticTask(**kwargs)
+
+
+def test_teacher_slip_answers_with_the_first_step_at_the_given_rate_and_leaves_the_reward_alone():
+    assert slipped_solution("4+7=11;11+2=13;#13") == "4+7=11;11+2=13;#11"
+    assert slipped_solution("9-4=5;5*3=15;15-2=13;#13") == "9-4=5;5*3=15;15-2=13;#5"
+    exact = ChainArithmeticTask(min_operands=3, max_operands=3, max_operand=9, operators="+")
+    slipping = ChainArithmeticTask(min_operands=3, max_operands=3, max_operand=9, operators="+", teacher_slip_rate=0.6)
+    samples = slipping.prompts().next_batch(2000)
+    assert samples == exact.prompts().next_batch(2000)  # the problems do not change, only the demonstrations
+    shown = [slipping.demonstration(s) for s in samples]
+    assert all(exact.demonstration(s) == s.answer for s in samples)
+    slipped = [d != s.answer for d, s in zip(shown, samples)]
+    # a slip is invisible where the first and last results agree (the last operand is 0)
+    visible = [final_answer(s.answer) != s.answer.split("=")[1].split(";")[0] for s in samples]
+    assert sum(slipped) / sum(visible) == pytest.approx(0.6, abs=0.04)
+    for demo, sample in zip(shown, samples):
+        assert is_well_formed(demo, 2) and demo.rpartition("#")[0] == sample.answer.rpartition("#")[0]
+        assert slipping.reward(demo, sample) == (1.0 if demo == sample.answer else 0.0)
+    assert shown == [slipping.demonstration(s) for s in samples]  # deterministic per stream position
+    always = ChainArithmeticTask(min_operands=3, max_operands=3, operators="+", teacher_slip_rate=1.0)
+    assert all(always.demonstration(s) == slipped_solution(s.answer) for s in always.prompts().next_batch(50))
 
 
 def test_impossible_problem_set_is_an_error_naming_the_fix():

@@ -10,8 +10,11 @@ gloo processes (``--procs``), from the same config and overrides:
 
 Figures come from the trainer's metrics.jsonl after ``--warmup`` untimed steps: seconds per optimizer
 update = mean ``time/step`` / ``rl.num_minibatches``; tokens/s = sampled response tokens / summed step
-time; the disaggregated run also reports its mean staleness and weight-sync seconds. docs/benchmarks.md
-lists the figures with their commands.
+time; the disaggregated run also reports its mean staleness and weight-sync seconds. ``--repeats N`` runs
+the modes in turn N times (colocated, disaggregated, partial, colocated, ...), so that a slow spell of a
+shared machine does not land on one mode only, and reports each figure's median over the repeats with
+every repeat's seconds per update; the speed-ups are ratios of those medians. docs/benchmarks.md lists the
+figures with their commands.
 """
 
 from __future__ import annotations
@@ -56,6 +59,13 @@ def _figures(run_dir: Path, warmup: int, num_minibatches: int) -> dict[str, floa
     return figures
 
 
+def median_figures(repeats: list[dict[str, float]]) -> dict:
+    """Each figure's median over the repeats of one mode, with every repeat's seconds per update."""
+    figures = {key: statistics.median(r[key] for r in repeats) for key in repeats[0]}
+    figures["seconds_per_update_repeats"] = [r["seconds_per_update"] for r in repeats]
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vespo-megatron bench async", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="YAML config of the run")
@@ -71,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                              "loss.behaviour=sampler, the disaggregated default) on the same processes")
     parser.add_argument("--steps", type=int, default=8, help="RL steps per run (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the modes in turn this many times and report medians (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} must be >= 1")
 
     with tempfile.TemporaryDirectory(prefix="vespo-bench-async-") as tmp:
         common = [*args.overrides, f"train.steps={args.steps}", "checkpoint.dir=null", "logging.tensorboard=false",
@@ -86,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.partial:
             runs["partial"] = runs["disaggregated"][:-1] + ["rollout.partial=true", f"logging.run_dir={tmp}/partial"]
             procs["partial"] = args.procs
-        result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup,
+        result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                         "loadavg_before": list(os.getloadavg()), "torch_threads": torch.get_num_threads()}
+        measured: dict[str, list[dict]] = {mode: [] for mode in runs}
+        for repeat in range(args.repeats):
+            for mode, overrides in runs.items():
+                run_dir = Path(tmp) / f"{mode}_{repeat}"
+                overrides = overrides[:-1] + [f"logging.run_dir={run_dir}"]
+                config = load_run_config(args.config, overrides)
+                run_local_workers(_run, procs[mode], args.config, overrides, timeout_s=3600)
+                measured[mode].append(_figures(run_dir, args.warmup, config.rl.num_minibatches))
         for mode, overrides in runs.items():
-            config = load_run_config(args.config, overrides)
-            run_local_workers(_run, procs[mode], args.config, overrides, timeout_s=3600)
-            figures = _figures(Path(tmp) / mode, args.warmup, config.rl.num_minibatches)
-            figures["overrides"] = overrides[len(common):-1]
-            result[mode] = figures
+            result[mode] = median_figures(measured[mode])
+            result[mode]["overrides"] = overrides[len(common):-1]
     result["loadavg_after"] = list(os.getloadavg())
     result["speedup"] = result["colocated"]["seconds_per_update"] / result["disaggregated"]["seconds_per_update"]
     if args.partial:
@@ -102,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"load average {result['loadavg_before'][0]:.2f} before, {result['loadavg_after'][0]:.2f} after; "
-              f"{result['torch_threads']} torch threads")
+              f"{result['torch_threads']} torch threads; medians of {args.repeats} repeat(s)")
         for mode in runs:
             f = result[mode]
+            repeats = ", ".join(f"{x:.3f}" for x in f["seconds_per_update_repeats"])
             print(f"{mode:14s} {f['seconds_per_update']:.3f} s/update  {f['tokens_per_s']:.1f} tokens/s  "
-                  f"(rollout wait {f['rollout_wait_s']:.3f} s, train {f['train_s']:.3f} s)")
+                  f"(rollout wait {f['rollout_wait_s']:.3f} s, train {f['train_s']:.3f} s; repeats {repeats})")
         print(f"speedup {result['speedup']:.2f}x (colocated on {procs['colocated']}, disaggregated on "
               f"{procs['disaggregated']} processes)")
         if args.partial:

@@ -255,8 +255,9 @@ class RLConfig:
     """Drop groups whose rewards are all equal (they carry no advantage signal)."""
     mismatch_metrics: bool = True
     """Report mismatch/* every step: the trainer's log-probs as a rollout enters training against the sampler's
-    (docs/rl.md). With loss.behaviour=recompute they come free with mu; with 'sampler' they cost one
-    forward pass per rollout, which false skips."""
+    (docs/rl.md). With loss.behaviour=recompute they come free with mu; with 'sampler' the update's own forward
+    pass gives them when rl.num_minibatches=1 (VESPO, or a token loss at cp=1), otherwise they cost one forward
+    pass per rollout, which false skips."""
     sft_warmup_steps: int = 0
     """Supervised steps on the task's reference answers before RL starts."""
     sft_lr: Optional[float] = None

@@ -1,8 +1,10 @@
 """A sampled batch becomes trainable: group advantages, then the behaviour log-probs mu per ``loss.behaviour``.
 
 ``recompute``: a forward pass of the trainer's current weights (the sampling weights when the rollout is
-fresh). ``sampler``: the sampler's own per-token log-probs, no forward pass (one, for the mismatch metrics,
-when ``rl.mismatch_metrics`` is on). The frozen KL reference's log-probs are computed here too.
+fresh). ``sampler``: the sampler's own per-token log-probs, no forward pass. The mismatch metrics
+(``rl.mismatch_metrics``) then need the trainer's log-probs as the rollout enters training: with one
+mini-batch per step the update's own forward pass gives them (:func:`update_measures_mismatch`), otherwise
+one forward pass here does. The frozen KL reference's log-probs are computed here too.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def compute_old_logprobs(config: Config, engine: Engine, rollout: Rollout) -> No
     token_level = config.loss.name != "vespo"
     if config.loss.behaviour == "sampler":
         use_sampler_logprobs(rollout, token_level=token_level)
-        if config.rl.mismatch_metrics:
+        if config.rl.mismatch_metrics and not update_measures_mismatch(config, engine):
             rollout.trainer_logprob_sums = logprob_sums(config, engine, micro, engine.chunks)
         if engine.reference_chunks is not None:
             rollout.ref_logprob_sums = logprob_sums(config, engine, micro, engine.reference_chunks)
@@ -89,6 +91,26 @@ def compute_old_logprobs(config: Config, engine: Engine, rollout: Rollout) -> No
     rollout.trainer_logprob_sums = rollout.old_logprob_sums
     if engine.reference_chunks is not None:
         rollout.ref_logprob_sums = logprob_sums(config, engine, micro, engine.reference_chunks)
+
+
+def update_measures_mismatch(config: Config, engine: Engine) -> bool:
+    """Whether the step's update reports the trainer's per-sequence log-prob sums the mismatch metrics need.
+
+    True with one mini-batch per step (``rl.num_minibatches=1``: its forward pass runs at exactly the weights
+    the rollout enters training with; dropout is 0 in every model built here) and a loss head that holds
+    whole-sequence sums: VESPO (all-reduced over TP x CP) or a token-level loss without context parallelism.
+    The sums are then read from the update (:func:`update_logprob_sums`) instead of a forward pass of their own.
+    """
+    return config.rl.num_minibatches == 1 and (config.loss.name == "vespo" or engine.ctx.cp == 1)
+
+
+def update_logprob_sums(reported: list[dict], size: int, engine: Engine) -> torch.Tensor:
+    """The per-sequence ``seq/logprob_sum`` of an update's micro-batch reports in rollout-row order, on every
+    pipeline stage (``reported`` is empty before the last stage)."""
+    values = torch.zeros(size)
+    for report in reported:
+        values[report["seq/row"].cpu().long()] = report["seq/logprob_sum"].cpu().to(values.dtype)
+    return from_last_stage(values, engine.ctx.pp_group)
 
 
 def use_sampler_logprobs(rollout: Rollout, token_level: bool) -> None:

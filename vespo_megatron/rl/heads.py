@@ -186,6 +186,7 @@ def vespo_head(ctx, config, global_tokens: torch.Tensor, global_sequences: torch
             "seq/length": lengths.float(),
             "seq/logprob_sum": sums.detach(),
             "seq/old_logprob_sum": old,
+            "seq/row": batch["rows"],
         }
         return _finish(loss, batch, global_tokens, reported, global_micro_batches)
 
@@ -235,7 +236,10 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
             "seq/log_w": log_ratio,
             "seq/advantage": batch["advantages"],
             "seq/length": lengths.float(),
+            "seq/row": batch["rows"],
         }
+        if ctx.cp == 1:  # whole sequences on this rank: the sums the mismatch metrics can take from the update
+            reported["seq/logprob_sum"] = (logprobs.detach() * mask).sum(dim=1)
         for name, value in out.metrics.items():
             if name.endswith("clip_frac") or name.endswith("_frac"):
                 reported[name] = torch.tensor([float(value), 1.0], device=loss.device)

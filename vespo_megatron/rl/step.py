@@ -20,14 +20,14 @@ import torch
 from vespo_megatron.config import Config
 from vespo_megatron.models.routing import routing_load_metrics, routing_recorder
 from vespo_megatron.rl.batch import Rollout, config_micro_batches, minibatch_rows
-from vespo_megatron.rl.behaviour import finish_rollout
+from vespo_megatron.rl.behaviour import finish_rollout, update_logprob_sums, update_measures_mismatch
 from vespo_megatron.rl.context import RLContext
 from vespo_megatron.rl.heads import token_loss_head, vespo_head
 from vespo_megatron.rl.remote import RemoteRollouts, to_rollout
 from vespo_megatron.rl.sampling import rollout_generator, sample_and_score
 from vespo_megatron.rl.served import ServedRollouts, served_to_rows
 from vespo_megatron.rl.state import LoopState
-from vespo_megatron.rl.step_metrics import phi_metrics, rollout_metrics
+from vespo_megatron.rl.step_metrics import mismatch_metrics, phi_metrics, rollout_metrics
 from vespo_megatron.runtime.collectives import data_parallel_rows, data_parallel_share, sum_over
 from vespo_megatron.tasks.base import Sample
 from vespo_megatron.train.engine import Engine, StepResult
@@ -160,6 +160,9 @@ def run_step(context: RLContext, state: LoopState, link: Optional[RemoteRollouts
     version_before = engine.iteration
     results = train_on_rollout(config, engine, rollout, state.step)
     finished = time.perf_counter()
+    if rollout.trainer_logprob_sums is None and config.rl.mismatch_metrics and update_measures_mismatch(config, engine):
+        rollout.trainer_logprob_sums = update_logprob_sums(results[0].reported, rollout.size, engine)
+        metrics.update(mismatch_metrics(rollout, ctx))
     rows_per_update = rollout.size // config.rl.num_minibatches * ctx.dp
     for update in range(len(results)):
         state.staleness.record_update(rollout.behaviour_version, version_before + update, rows_per_update)

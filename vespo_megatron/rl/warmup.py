@@ -1,4 +1,5 @@
-"""The supervised warm-up before RL: cross-entropy updates on the task's reference answers."""
+"""The supervised warm-up before RL: cross-entropy updates on the task's demonstrations (its reference answers,
+unless the task models an imperfect teacher: ``Task.demonstration``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from vespo_megatron.train.sft import sft_loss_head
 
 
 def sft_micro_batches(context: RLContext, samples: list[Sample]) -> list[dict]:
-    """Prompt + reference answer + eos per sample, loss on the answer tokens, cut into micro-batches."""
+    """Prompt + demonstration + eos per sample, loss on the demonstration's tokens, cut into micro-batches."""
     tok, seq_len = context.tokenizer, context.config.seq_length
     rows, masks = [], []
     for sample in samples:
         prompt = tok.encode_prompt(sample.prompt)
-        answer = tok.encode(sample.answer) + [tok.eos_id]
+        answer = tok.encode(context.task.demonstration(sample)) + [tok.eos_id]
         ids = (prompt + answer)[: seq_len + 1]
         row = torch.full((seq_len + 1,), tok.pad_id, dtype=torch.long)
         row[: len(ids)] = torch.tensor(ids)
@@ -32,7 +33,7 @@ def sft_micro_batches(context: RLContext, samples: list[Sample]) -> list[dict]:
 
 
 def supervised_warmup(context: RLContext, steps: int) -> list[float]:
-    """``steps`` cross-entropy updates on the task's reference answers; returns the losses."""
+    """``steps`` cross-entropy updates on the task's demonstrations; returns the losses."""
     config, ctx = context.config, context.parallel
     warm = context.task.prompts()  # an independent stream: the RL prompt position is untouched
     losses = []

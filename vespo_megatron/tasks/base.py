@@ -114,6 +114,11 @@ class Task(ABC):
         """
         return dataclasses.replace(self, seed=self.seed + seed_offset)
 
+    def demonstration(self, sample: Sample) -> str:
+        """The response the supervised warm-up imitates for ``sample``: its answer, unless the task models an
+        imperfect teacher (the `chain` task's ``teacher_slip_rate``)."""
+        return sample.answer
+
     @property
     def reward_name(self) -> str:
         return f"{type(self).__module__}.{type(self).__qualname__}.score"

@@ -87,6 +87,13 @@ def chain_reward(response_text: str, solution: str, format_reward: float = 0.0) 
     return 0.0
 
 
+def slipped_solution(solution: str) -> str:
+    """A worked solution answered with its first step's result: `"4+7=11;11+2=13;#13"` -> `"4+7=11;11+2=13;#11"`."""
+    body, mark, _ = solution.rpartition(ANSWER_MARK)
+    first_step = body.split(STEP_END, 1)[0]
+    return f"{body}{mark}{first_step.rpartition('=')[2]}"
+
+
 def problem_split(prompt: str, eval_fraction: float) -> str:
     """'eval' for the fixed share `eval_fraction` of prompts picked by a hash of the prompt text, else 'train'."""
     digest = hashlib.blake2b(_SPLIT_SALT + prompt.encode(), digest_size=8).digest()
@@ -117,6 +124,10 @@ class ChainArithmeticTask(Task):
     """Share of all problems reserved for the 'eval' split, in (0, 1)."""
     seed: int = 0
     """Seed of the problem stream."""
+    teacher_slip_rate: float = 0.0
+    """Share of the warm-up's demonstrations whose final `#N` repeats the first step's result instead of the last
+    one: a teacher with a systematic slip (`4+7=11;11+2=13;#11`). Drawn per stream position; the reward still
+    reads the true answer, so RL has something to unlearn. 0.0: every demonstration is the worked solution."""
 
     name = "chain"
 
@@ -136,6 +147,8 @@ class ChainArithmeticTask(Task):
             raise ValueError(f"chain.format_reward={self.format_reward} must be in [0, 1)")
         if self.split not in SPLITS:
             raise ValueError(f"chain.split={self.split!r} must be one of {SPLITS}")
+        if not 0.0 <= self.teacher_slip_rate <= 1.0:
+            raise ValueError(f"chain.teacher_slip_rate={self.teacher_slip_rate} must be in [0, 1]")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"chain.eval_fraction={self.eval_fraction} must be in (0, 1) so both splits exist")
 
@@ -167,6 +180,14 @@ class ChainArithmeticTask(Task):
 
     def score(self, response_text: str, sample: Sample) -> float:
         return chain_reward(response_text, sample.answer, self.format_reward)
+
+    def demonstration(self, sample: Sample) -> str:
+        """The worked solution, or with probability `teacher_slip_rate` (per stream position) the same chain
+        answered with the first step's result."""
+        if not self.teacher_slip_rate or random.Random(f"chain-slip:{self.seed}:{sample.index}").random() >= \
+                self.teacher_slip_rate:
+            return sample.answer
+        return slipped_solution(sample.answer)
 
 
 class ChainStream(PromptStream):
