@@ -1,8 +1,9 @@
 """``vespo-megatron demo``: the CPU quick start.
 
 Two gloo workers (tensor parallelism 2) run the real Megatron-Core stack: a short supervised warm-up
-on worked solutions of the chain task (``4+7+2=`` -> ``4+7=11;11+2=13;#13``, docs/tasks.md), then VESPO
-RL with two stale mini-batches per rollout, sampled with the KV-cache decoder. Greedy accuracy on held-out
+on worked solutions of the chain task (``1+4+3=`` -> ``1+4=5;5+3=8;#8``, docs/tasks.md) from a teacher that
+often answers with the first step's result instead of the last, then VESPO RL, rewarded on the true answer,
+with two stale mini-batches per rollout, sampled with the KV-cache decoder. Greedy accuracy on held-out
 prompts is measured before and after RL; metrics, TensorBoard events and PNG plots land in the run
 directory; the last line is ``demo: reward <before> -> <after>``. ``--seeds N`` repeats the demo for
 ``train.seed`` 0..N-1 in fresh workers and summarises the improvements.
@@ -21,27 +22,29 @@ from pathlib import Path
 DEMO_OVERRIDES = [
     "model.max_seq_length=48",
     "task.name=chain",
-    # eval_fraction 0.25: about 250 of the 1000 problems are held out, so the 256 evaluation prompts are not
-    # ~100 problems counted twice
-    "task.options={min_operands: 3, max_operands: 3, max_operand: 9, operators: '+', seed: 11, eval_fraction: 0.25}",
+    # Three operands 0-5: sums the warm-up learns at every seed. teacher_slip_rate 0.65: the warm-up imitates a
+    # teacher that answers 65 % of its worked solutions with the first step's result (`1+4=5;5+3=8;#5`), so greedy
+    # decoding starts out mostly wrong (0.18-0.36 held out at seeds 0-4) while sampling still finds the right answer
+    # a third of the time; the reward reads the true answer, so RL has a clear thing to fix (docs/rl.md, The demo).
+    # eval_fraction 0.25: about 54 of the 216 problems are held out from RL and warm-up alike; the 256 greedy
+    # evaluation prompts are drawn from them.
+    "task.options={min_operands: 3, max_operands: 3, max_operand: 5, operators: '+', seed: 11, eval_fraction: 0.25, "
+    "teacher_slip_rate: 0.65}",
     "rollout.prompts_per_step=16",
     "rollout.group_size=8",
     "rollout.max_new_tokens=40",
     "rl.num_minibatches=2",
     "train.micro_batch_size=16",
     "train.global_batch_size=64",
-    # RL at 5e-4 decaying linearly to 0: a little above 3e-4 constant at every seed measured (docs/rl.md, The
-    # demo); 6e-4 constant, 1e-3 constant and 1.5e-3 decaying collapsed
+    # RL at 5e-4 decaying linearly to 0 (1e-3 collapsed in a trial with 8 prompts per step)
     "optimizer.lr=5e-4",
     "optimizer.lr_decay_style=linear",
     "rl.sft_lr=3e-3",
-    # 150 warm-up steps: the format is learnt and part of the sums (greedy accuracy 0.11-0.60 at train.seed
-    # 0-2); 250 steps landed anywhere in 0.14-0.88 depending on seed and processor, often leaving RL nothing
     "rl.sft_warmup_steps=150",
     "rl.eval_prompts=256",
     "checkpoint.dir=null",
 ]
-DEMO_STEPS = 100
+DEMO_STEPS = 80
 """RL steps of the demo (``--steps``)."""
 
 
