@@ -27,6 +27,10 @@ Memory per GPU (bytes, per pipeline stage; the worst stage is what must fit):
                      (token, expert) pair 2h [permuted input, expert output] + (c + 1) f_e / etp, with
                      s b k etp / (tp cp) pairs per rank under balanced routing
 
+  A training micro-batch is ``micro_batch_size`` sequences of ``seq_length`` tokens, or with a token budget
+  (``train.max_tokens_per_microbatch`` = T) one packed row of T tokens, or (unpacked) ``T // min(seq_length, T)``
+  rows of ``min(seq_length, T)`` tokens (:func:`training_micro_batch_shape`).
+
   A stage holds ``L / pp`` layers for ``min(pp, micro-batches)`` micro-batches in flight under 1F1B
   (times ``1 + (pp - 1) / (pp * vpp)`` when interleaved), plus the last stage's chunked log-prob
   logits (``loss.chunk_size x V/tp`` fp32, twice: logits and their softmax). Element sizes are 2 bytes (bf16) or
@@ -54,6 +58,8 @@ the sequence-level design of all-gathering ``[B, S]`` token log-probs moves ``S 
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import asdict, dataclass
 
@@ -165,6 +171,21 @@ def num_micro_batches(config: Config, world_size: int) -> int:
     return config.train.global_batch_size // (config.train.micro_batch_size * dp)
 
 
+def training_micro_batch_shape(config: Config) -> tuple[int, int]:
+    """``(tokens per sequence, sequences)`` of the largest training micro-batch on one rank.
+
+    ``micro_batch_size`` rows of ``seq_length``; with ``train.max_tokens_per_microbatch`` = T at most T tokens
+    in all: one row of T when packed, else rows padded to their longest, counted here as rows of
+    ``min(seq_length, T)`` (the most the quadratic attention term can reach within the budget)."""
+    budget = config.train.max_tokens_per_microbatch
+    if budget is None:
+        return config.seq_length, config.train.micro_batch_size
+    if config.train.pack_sequences:
+        return budget, 1
+    tokens = min(config.seq_length, budget)
+    return tokens, max(1, budget // tokens)
+
+
 def activation_elements_per_layer(config: Config, tokens: int | None = None, sequences: int | None = None,
                                   *, sequence_parallel: bool | None = None, cp: int | None = None) -> int:
     """Elements one transformer layer keeps for backward per micro-batch on one rank (see module doc).
@@ -172,8 +193,9 @@ def activation_elements_per_layer(config: Config, tokens: int | None = None, seq
     ``tokens`` per sequence, ``sequences``, ``sequence_parallel`` and ``cp`` default to training's (the rollout's
     prefill passes its own)."""
     model, par = config.model, config.parallel
-    s = config.seq_length if tokens is None else tokens
-    b = config.train.micro_batch_size if sequences is None else sequences
+    train_tokens, train_sequences = training_micro_batch_shape(config)
+    s = train_tokens if tokens is None else tokens
+    b = train_sequences if sequences is None else sequences
     h, a, g = model.hidden_size, model.num_attention_heads, model.query_groups
     d = model.kv_channels or h // a
     glu = 2 if model.swiglu else 1
@@ -309,7 +331,7 @@ def estimate_memory(
         last = stage.pp_rank == par.pp - 1
         activations = per_layer * model.num_layers // par.pp * in_flight
         if last:
-            activations += 2 * min(chunk, config.seq_length * config.train.micro_batch_size) * (
+            activations += 2 * min(chunk, math.prod(training_micro_batch_shape(config))) * (
                 padded // par.tp
             ) * 4
         optimizer = adam_width * (stage.dense / dense_shards + stage.expert / expert_shards)

@@ -138,13 +138,31 @@ def test_fp32_model_widths():
 
 def test_activations_scale_with_sequence_and_tp():
     path = CONFIGS / "qwen3_8b_dense.yaml"
-    base = _peak([], 8, path).activations
-    longer = _peak(["model.max_seq_length=16384"], 8, path).activations
+    padded = ["train.max_tokens_per_microbatch=null", "train.pack_sequences=false"]
+    base = _peak(padded, 8, path).activations
+    longer = _peak(padded + ["model.max_seq_length=16384"], 8, path).activations
     assert longer == pytest.approx(2 * base, rel=0.05)
-    tp4 = _peak(["parallel.tp=4"], 8, path).activations
+    tp4 = _peak(padded + ["parallel.tp=4"], 8, path).activations
     assert tp4 == pytest.approx(base / 2, rel=0.05)
-    no_sp = _peak(["parallel.sequence_parallel=false"], 8, path).activations
+    no_sp = _peak(padded + ["parallel.sequence_parallel=false"], 8, path).activations
     assert no_sp > base
+
+
+def test_a_token_budget_sizes_the_training_micro_batch():
+    """With train.max_tokens_per_microbatch the activations follow the budget, not micro_batch_size x seq_length."""
+    base = ["model.transformer_impl=transformer_engine", "model.max_seq_length=64", "train.micro_batch_size=4"]
+    padded = load_config(None, base)
+    assert estimates.training_micro_batch_shape(padded) == (64, 4)
+    packed = load_config(None, base + ["train.max_tokens_per_microbatch=96", "train.pack_sequences=true"])
+    assert estimates.training_micro_batch_shape(packed) == (96, 1)
+    binned = load_config(None, base + ["train.max_tokens_per_microbatch=160"])
+    assert estimates.training_micro_batch_shape(binned) == (64, 2)
+    # without the quadratic local-attention term the per-layer elements are linear in the tokens
+    per_token = estimates.activation_elements_per_layer(padded) / (64 * 4)
+    assert estimates.activation_elements_per_layer(packed) == pytest.approx(96 * per_token)
+    assert estimates.activation_elements_per_layer(binned) == pytest.approx(128 * per_token)
+    assert estimates.activation_elements_per_layer(packed, tokens=64, sequences=4) == \
+        estimates.activation_elements_per_layer(padded)  # the rollout's prefill passes its own shape
 
 
 def test_activation_formula_dense_small():
