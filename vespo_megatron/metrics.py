@@ -20,6 +20,7 @@ from vespo_megatron.runtime.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+RUN_INFO_FILE = "run_info.json"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
 RESERVED_KEYS = ("step", "time")
@@ -89,7 +90,7 @@ def _complete_lines(path: Path) -> list[str]:
 
 
 class MetricsLogger:
-    """Writes a run's metrics to run_dir: metrics.jsonl, tensorboard/ events, wandb, config.yaml.
+    """Writes a run's metrics to run_dir: metrics.jsonl, tensorboard/ events, wandb, config.yaml, run_info.json.
 
     Construct it on every rank with `enabled=is_logging_rank`; when disabled every method does nothing and no
     file is touched, so callers need no branches. `resume=False` starts metrics.jsonl afresh; `resume=True`
@@ -126,6 +127,16 @@ class MetricsLogger:
             self._open_tensorboard(purge_step=None)
         if self._wandb is not None:
             self._wandb_run = self._init_wandb(wandb_project, config_dict, resume)
+
+    def record_run_info(self, **fields: Any) -> None:
+        """Merge ``fields`` (JSON values) into run_dir/run_info.json: facts of the run that are not per step,
+        such as the decode path the rollout takes."""
+        if not self.enabled:
+            return
+        path = self.run_dir / RUN_INFO_FILE
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        info.update(fields)
+        write_atomic(path, json.dumps(info, indent=1, sort_keys=True) + "\n")
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Append one record for `step` to every sink; the JSONL line is on disk when this returns."""

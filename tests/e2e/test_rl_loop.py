@@ -8,6 +8,8 @@ Kill/resume and resharding on resume are in test_resume.py. Shared settings: rl_
 
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 import statistics
@@ -263,6 +265,8 @@ def test_demo_cli_smoke(tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"demo: reward \d\.\d{3} -> \d\.\d{3}", last), result.stdout
     assert len(deterministic_records(tmp_path / "demo")) >= 3
+    info = json.loads((tmp_path / "demo" / "run_info.json").read_text())  # the decode path, recorded once
+    assert info["decode_path"] == "lean" and "local layer spec" in info["decode_path_reason"], info
     # Megatron's CPU start-up notices (apex/TE fallbacks, CUDA_DEVICE_MAX_CONNECTIONS, cuda graph scope,
     # the rerun state machine) stay out of the demo's output.
     output = result.stdout + result.stderr

@@ -35,6 +35,7 @@ from vespo_megatron.rl.state import LoopState
 from vespo_megatron.rl.step import run_step
 from vespo_megatron.rl.warmup import supervised_warmup
 from vespo_megatron.rl.worker import RolloutWorker
+from vespo_megatron.rollout.decode_step import decode_path
 from vespo_megatron.rollout.external import ExternalRollouts
 from vespo_megatron.runtime.distributed import JobSplit, ParallelContext, initialize, initialize_disaggregated
 from vespo_megatron.runtime.preemption import install_preemption_handler
@@ -170,6 +171,13 @@ def run(config: Config) -> Union[TrainerRun, WorkerRun]:
                            resume=resume_from is not None)
     if resume_from is not None:
         logger.truncate_after(state.step)
+    served = built.served
+    if link is None and served is None and config.rollout.source == "model":  # this rank samples: record how
+        if config.rollout.engine == "kv" and ctx.cp == 1:
+            path, why = decode_path(engine, config.rollout.kv_step)
+        else:
+            path, why = "recompute", f"rollout.engine={config.rollout.engine}, parallel.cp={ctx.cp}"
+        logger.record_run_info(decode_path=path, decode_path_reason=why)
     progress = ProgressBar(config.train.steps, enabled=ctx.is_logging_rank and config.logging.progress_bar,
                            initial=state.step)
     stop_requested = None
@@ -177,7 +185,6 @@ def run(config: Config) -> Union[TrainerRun, WorkerRun]:
         _announce_start(built.split, link.next_index + len(link.buffer))
         link.start()
         stop_requested = lambda: preemption.should_stop(built.split.trainer_group)  # noqa: E731
-    served = built.served
     try:
         if served is not None:
             served.push()  # the servers start from model.hf_path: give them the weights the run starts with
