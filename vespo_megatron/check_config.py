@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _vocab_size(config: Config, given: int | None) -> int:
+def config_vocab_size(config: Config, given: int | None = None) -> int:
+    """``model.vocab_size``, else ``given``, else the shipped tokenizer's vocabulary."""
     if config.model.vocab_size is not None:
         return config.model.vocab_size
     if given is not None:
@@ -62,7 +63,7 @@ def check(config: Config, nodes: int, gpus_per_node: int, *, gpu_memory_gb: floa
         raise ConfigError(f"--nodes={nodes} and --gpus-per-node={gpus_per_node} must both be >= 1")
     world = nodes * gpus_per_node
     validate(config, world)
-    vocab = _vocab_size(config, vocab_size)
+    vocab = config_vocab_size(config, vocab_size)
     layout = build_layout(config.parallel, config.parallel.trainer_world(world))  # the trainer ranks' grid
     stages = estimates.estimate_memory(config, world, vocab, overhead_gb=overhead_gb)
     peak = estimates.peak_memory(stages)

@@ -11,6 +11,7 @@ Commands:
   config-docs [--write]                  render docs/configs.md from the config dataclasses
   import-hf HF_DIR CHECKPOINT_DIR [--config CONFIG] [overrides]   HF folder -> checkpoint that train resumes
   export-hf CHECKPOINT_DIR OUT_DIR [overrides]   checkpoint (any layout) -> HF folder (docs/models.md)
+  selftest [--device auto|cpu|cuda] [--json]   RL update, decoding, memory and resume checks of this node, one JSON
 
 Errors in what you gave (config, layout, data files, reward functions) print as one line naming the
 file or key, the value and the fix. Add --debug anywhere (or set VESPO_DEBUG=1) for the full traceback.
@@ -40,6 +41,13 @@ def _train(argv: list[str]) -> int:
     run(load_run_config(args.config, args.overrides))
     shutdown()
     return 0
+
+
+def _selftest(argv: list[str]) -> int:
+    from vespo_megatron.selftest import main
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    return main(argv)
 
 
 def _demo(argv: list[str]) -> int:
@@ -121,6 +129,7 @@ COMMANDS = {
     "config-docs": _config_docs,
     "import-hf": _import_hf,
     "export-hf": _export_hf,
+    "selftest": _selftest,
 }
 
 

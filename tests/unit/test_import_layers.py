@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("rollout",),  # sampling with the policy
     ("rl",),  # the RL loop
     # entry points: the config as entry points load it, commands, benchmarks, studies, demo
-    ("run_config", "check_config", "config_docs", "hf_commands", "plotting", "bench", "study", "demo", "cli", ""),
+    ("run_config", "check_config", "config_docs", "hf_commands", "plotting", "bench", "study", "demo", "selftest", "cli",
+     ""),
 )
 
 

@@ -30,7 +30,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker_main(fn, rank, world_size, port, args, results, threads):
+def _worker_main(fn, rank, world_size, port, args, results, threads, backend="gloo"):
     import torch
     import torch.distributed as dist
 
@@ -43,8 +43,10 @@ def _worker_main(fn, rank, world_size, port, args, results, threads):
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
         # Plain pickle copies tensor data; the multiprocessing pickler would share memory that dies
         # with this process before the parent reads it.
@@ -65,11 +67,13 @@ def run_local_workers(
     *args: Any,
     timeout_s: float = 300.0,
     threads_per_worker: int = 1,
+    backend: str = "gloo",
 ) -> Sequence[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` forked gloo workers.
 
-    With ``threads_per_worker > 1`` the workers come from a fork server instead, so ``fn`` and ``args``
-    must be picklable (a module-level function).
+    With ``threads_per_worker > 1`` the workers come from a fork server instead, and with ``backend="nccl"``
+    (rank ``r`` on ``cuda:r``) they are spawned (CUDA does not survive a fork), so ``fn`` and ``args`` must then
+    be picklable (a module-level function).
 
     Returns the list of results ordered by rank. Raises :class:`WorkerError` naming the first
     failing rank (with its traceback) if any worker raises, exits abnormally or exceeds ``timeout_s``.
@@ -79,7 +83,9 @@ def run_local_workers(
     # Forking is fastest (the parent's imports are inherited), but a forked child must not run OpenMP
     # parallel regions once the parent has: GNU OpenMP's thread pool does not survive fork and the child
     # hangs. Single-threaded workers never enter one; multi-threaded ones start from a fresh fork server.
-    if threads_per_worker == 1:
+    if backend == "nccl":
+        ctx = mp.get_context("spawn")
+    elif threads_per_worker == 1:
         ctx = mp.get_context("fork")
     else:
         # Idle OpenMP threads sleep instead of spinning (unless the user set a policy): with more threads than
@@ -93,7 +99,7 @@ def run_local_workers(
     procs = [
         ctx.Process(
             target=_worker_main,
-            args=(fn, rank, world_size, port, args, results, threads_per_worker),
+            args=(fn, rank, world_size, port, args, results, threads_per_worker, backend),
             daemon=False,
         )
         for rank in range(world_size)
