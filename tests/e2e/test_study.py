@@ -89,3 +89,42 @@ def test_quick_async_arm_trains_with_the_lag_it_was_given(tmp_path):
     assert "K=2" in table and "measured policy lag" in table
     for name in ("reward_vs_K_dense.png", "reward_curves_dense_K2.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cell(variant, n, lr, accuracy, seed=0, collapse=()):
+    return {"model": "dense", "variant": variant, "N": n, "lr": lr, "eval_accuracy": accuracy, "seed": seed,
+            "collapse": list(collapse)}
+
+
+def test_frontier_is_the_largest_rate_keeping_ninety_percent_of_the_n1_base_accuracy():
+    from vespo_megatron.study.frontier import frontier, frontier_table
+
+    cells = [_cell("vespo", 1, 3e-4, 0.60), _cell("vespo", 1, 1e-3, 0.58), _cell("vespo", 8, 3e-4, 0.55),
+             _cell("vespo", 8, 1e-3, 0.10, collapse=["reward_drop"]),
+             _cell("grpo", 1, 3e-4, 0.50, seed=0), _cell("grpo", 1, 3e-4, 0.70, seed=1),  # reference: mean 0.60
+             _cell("grpo", 1, 1e-3, 0.53), _cell("grpo", 8, 3e-4, 0.30), _cell("grpo", 8, 1e-3, 0.20)]
+    rows = {(r["variant"], r["N"]): r for r in frontier(cells)}
+    assert rows[("vespo", 1)]["frontier_lr"] == 1e-3  # 0.58 >= 0.9 x 0.60
+    assert rows[("vespo", 8)]["frontier_lr"] == 3e-4 and rows[("vespo", 8)]["collapses"] == 1
+    assert rows[("grpo", 1)]["reference_accuracy"] == pytest.approx(0.60)
+    assert rows[("grpo", 1)]["frontier_lr"] == 3e-4  # 0.53 < 0.54 at 1e-3
+    assert rows[("grpo", 8)]["frontier_lr"] is None and rows[("grpo", 8)]["cells"] == 2
+    table = frontier_table(list(rows.values()))
+    assert "| dense | grpo | 8 | 0.300 | 0.200 | none | 0 / 2 |" in table
+
+
+def test_quick_frontier_runs_every_rate_and_writes_the_frontier(tmp_path):
+    out = tmp_path / "frontier"
+    assert main(["frontier", "--quick", "--losses", "vespo", "--warmup-steps", "4", "--eval-prompts", "8",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    assert {(c["N"], c["lr"]) for c in result["cells"]} == {(1, 3e-4), (1, 1e-3), (4, 3e-4), (4, 1e-3)}
+    rows = result["frontier"]
+    assert [(r["variant"], r["N"]) for r in rows] == [("vespo", 1), ("vespo", 4)]
+    for row in rows:
+        assert row["base_lr"] == 3e-4 and math.isfinite(row["reference_accuracy"])
+        assert set(row["accuracy_by_lr"]) == {"0.0003", "0.001"}  # rates as JSON keys
+        assert row["frontier_lr"] in (None, 3e-4, 1e-3) and row["cells"] == 2 and 0 <= row["collapses"] <= 2
+    n1 = rows[0]
+    assert n1["frontier_lr"] is not None  # N = 1 at the base rate holds against itself
+    assert "## Stability frontier" in (out / "frontier.md").read_text()

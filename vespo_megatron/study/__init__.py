@@ -4,7 +4,9 @@
 from one saved warm start per (model, seed): the mini-batch per optimizer update is fixed, the rollout grows
 to N mini-batches, and every cell runs the same number of updates (vespo_megatron/study/plan.py).
 ``study lr-sweep`` runs the variants at N = 1 over several learning rates, to choose the one rate every
-cell of the staleness study then uses. ``study async`` is the asynchronous arm: each cell a two-rank job (one
+cell of the staleness study then uses. ``study frontier`` runs the staleness grid at every rate of a sweep that
+spans "all fine" to "all collapse" and reports, per (variant, N), the largest rate that still learns
+(vespo_megatron/study/frontier.py). ``study async`` is the asynchronous arm: each cell a two-rank job (one
 rollout worker, one trainer) with ``rl.max_staleness = K`` (vespo_megatron/study/async_arm.py). Each writes
 ``OUT/<name>.json`` and ``OUT/<name>.md`` (staleness and async also PNG plots); docs/results.md shows full runs.
 """
@@ -29,17 +31,22 @@ from vespo_megatron.study.plan import (
     VARIANTS,
     Plan,
 )
+from vespo_megatron.study.frontier import frontier as frontier_rows
+from vespo_megatron.study.frontier import frontier_table
 from vespo_megatron.study.summary import summarise
+
+FRONTIER_LRS = (3e-4, 5e-4, 7e-4, 1e-3, 1.5e-3)
+"""``study frontier``'s default sweep: from where every loss learns to where every loss collapsed before."""
 
 __all__ = ["build_parser", "main", "make_plan", "summarise"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vespo-megatron study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["staleness", "lr-sweep", "async"], help="the study to run")
+    parser.add_argument("what", choices=["staleness", "lr-sweep", "frontier", "async"], help="the study to run")
     parser.add_argument("--quick", action="store_true",
                         help="reduced grid for CI: vespo, grpo x N in {1, 4} (async: K in {0, 2}) x 1 seed x "
-                             "dense, 4 updates")
+                             "dense, 4 updates (frontier: lr in {3e-4, 1e-3})")
     parser.add_argument("--max-staleness", type=int, nargs="+", default=None, metavar="K",
                         help="async: rl.max_staleness bounds, the worker running K steps ahead (default 0 2 8)")
     parser.add_argument("--behaviour", choices=["sampler", "recompute"], default="sampler",
@@ -56,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations", action="store_true", help=f"add the rows {', '.join(ABLATION_VARIANTS)}")
     parser.add_argument("--mismatch", action="store_true",
                         help=f"add the train/inference mismatch arm: {', '.join(MISMATCH_VARIANTS)}")
-    parser.add_argument("--staleness", nargs="+", type=int, default=None, help="N values (default 1 4 16 64)")
+    parser.add_argument("--staleness", nargs="+", type=int, default=None,
+                        help="N values (default 1 4 16 64; frontier 1 8 32 64)")
     parser.add_argument("--updates", type=int, default=None,
                         help="optimizer updates per cell, the same for every N (default 64, quick 4)")
     parser.add_argument("--minibatch-prompts", type=int, default=2,
@@ -69,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 150)")
     parser.add_argument("--lr", type=float, nargs="+", default=None,
                         help="RL learning rate(s); staleness takes one (default 1e-4), lr-sweep several "
-                             "(default 3e-5 1e-4 3e-4)")
+                             "(default 3e-5 1e-4 3e-4), frontier several, the smallest being the base rate "
+                             "(default 3e-4 5e-4 7e-4 1e-3 1.5e-3)")
     parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a task option (repeatable), e.g. --task-option max_operands=3")
     parser.add_argument("--eval-prompts", type=int, default=64, help="greedy eval prompts after each cell")
@@ -92,15 +101,19 @@ def _task_options(items: list[str]) -> dict:
 
 
 def make_plan(args) -> Plan:
-    quick, sweep = args.quick, args.what == "lr-sweep"
+    quick, sweep, frontier = args.quick, args.what == "lr-sweep", args.what == "frontier"
     variants = tuple(args.losses or (("vespo", "grpo") if quick else LOSSES))
     if args.ablations:
         variants += tuple(v for v in ABLATION_VARIANTS if v not in variants)
     if args.mismatch:
         variants += tuple(v for v in MISMATCH_VARIANTS if v not in variants)
-    lrs = tuple(args.lr or ((3e-5, 1e-4, 3e-4) if sweep else (1e-4,)))
-    if not sweep and len(lrs) != 1:
-        raise SystemExit("study staleness takes one --lr (run `study lr-sweep` to compare several)")
+    default_lrs = ((3e-5, 1e-4, 3e-4) if sweep else ((3e-4, 1e-3) if quick else FRONTIER_LRS) if frontier
+                   else (1e-4,))
+    lrs = tuple(sorted(args.lr)) if args.lr else default_lrs
+    if args.what in ("staleness", "async") and len(lrs) != 1:
+        raise SystemExit(f"study {args.what} takes one --lr (run `study lr-sweep` or `study frontier` for several)")
+    if frontier and len(lrs) < 2:
+        raise SystemExit("study frontier needs at least two --lr values (the smallest is the base rate)")
     if args.what == "async":
         bad = [k for k in args.max_staleness or () if k < 0]
         if bad:
@@ -108,7 +121,10 @@ def make_plan(args) -> Plan:
         if args.models and "moe" in args.models:
             raise SystemExit("study async: dense only (the arm's rollout worker runs one rank without EP)")
     fixed_n = sweep or args.what == "async"
-    staleness = (1,) if fixed_n else tuple(args.staleness or ((1, 4) if quick else (1, 4, 16, 64)))
+    full_n = (1, 8, 32, 64) if frontier else (1, 4, 16, 64)
+    staleness = (1,) if fixed_n else tuple(args.staleness or ((1, 4) if quick else full_n))
+    if frontier and 1 not in staleness:
+        raise SystemExit("study frontier needs N = 1 in --staleness (each variant's reference accuracy)")
     out = Path(args.out)
     plan = Plan(variants=variants, staleness=staleness, seeds=args.seeds or (1 if quick else 3),
                 first_seed=args.first_seed,
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = {"lr-sweep": "lr_sweep", "staleness": "staleness", "async": "async"}[args.what]
+    name = {"lr-sweep": "lr_sweep", "staleness": "staleness", "frontier": "frontier", "async": "async"}[args.what]
     bounds = tuple(args.max_staleness or ((0, 2) if args.quick else DEFAULT_BOUNDS))
     knob, values = ("K", bounds) if args.what == "async" else ("N", plan.staleness)
     command = "vespo-megatron study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -156,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run_local_workers(grid_worker, 1, plan, str(default_config_path()), timeout_s=args.timeout)[0]
     result.update(plan=asdict(plan), command=command, seconds=time.perf_counter() - started)
+    if args.what == "frontier":
+        result["frontier"] = frontier_rows(result["cells"])
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     table = write_table(result, plan, out, command, name=f"{name}.md", knob=knob, values=values)
-    plots = write_plots(result, plan, out, knob=knob, values=values) if args.what != "lr-sweep" else []
+    if args.what == "frontier":
+        with table.open("a") as handle:
+            handle.write("\n## Stability frontier\n\n" + frontier_table(result["frontier"]))
+    plots = write_plots(result, plan, out, knob=knob, values=values) if args.what in ("staleness", "async") else []
     print(table.read_text())
     print(f"study: {len(result['cells'])} cells in {result['seconds']:.0f}s; wrote {out / (name + '.json')}, {table}"
           + "".join(", " + str(p) for p in plots))
