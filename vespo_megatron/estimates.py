@@ -60,7 +60,6 @@ the sequence-level design of all-gathering ``[B, S]`` token log-probs moves ``S 
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 
 from vespo_megatron.config import Config, ModelConfig

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from vespo_megatron.demo import default_config_path
+from vespo_megatron.metrics import read_metrics
 
 GPU_PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1}
 """Dense bf16 tensor-core peak of the GPUs we know (TFLOP/s), by a substring of the device name."""
@@ -46,15 +47,10 @@ COMMON = ["parallel.tp=1", "optimizer.use_distributed_optimizer=true", "rl.eval_
 WALL_CLOCK = ("time", "time/", "throughput/")
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _peak_memory_mib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+def _status_mib(field: str) -> float:
+    """A ``VmRSS``-style field of /proc/self/status, in MiB."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
 
 
 def _weights_digest(engine) -> str:
@@ -77,11 +73,10 @@ def _phase(rank, world_size, config_path, overrides, device):
     if device == "cpu":
         with open("/proc/self/clear_refs", "w") as refs:  # the peak resident size counts from here
             refs.write("5")
-    with open("/proc/self/status") as status:
-        baseline = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS"))
+        baseline = _status_mib("VmRSS")
     trainer = run(load_run_config(config_path, overrides))
     engine = trainer.context.engine
-    peak = _peak_memory_mib(device) - (baseline if device == "cpu" else 0.0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _status_mib("VmHWM") - baseline
     return {"weights": _weights_digest(engine), "peak_memory_mib": peak,
             "transformer_impl": trainer.context.config.model.transformer_impl}
 
@@ -120,13 +115,14 @@ def rl_phase(name: str, device: str, config_path: str, overrides: list[str], ste
         started = time.perf_counter()
         inside = _in_fresh_process(device, config_path, run_overrides, timeout_s)
         seconds = time.perf_counter() - started
-        records = _records(Path(tmp))
+        records = read_metrics(tmp)
     timed = records[1:] or records  # the first step pays for start-up work
     estimate_mib, active = _estimate(config_path, run_overrides)
     train_s = statistics.mean(r["time/train"] + r["time/optimizer"] for r in timed)
     trained_tokens = statistics.mean(r["response/tokens"] for r in timed)  # response labels of the update
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    mismatch = max(r.get("mismatch/seq_abs_log_ratio_max", float("nan")) for r in records)
+    mismatch = max((r["mismatch/seq_abs_log_ratio_max"] for r in records if "mismatch/seq_abs_log_ratio_max" in r),
+                   default=float("nan"))
     return {
         "steps": len(records),
         "seconds": round(seconds, 1),
@@ -152,7 +148,8 @@ def resume_phase(device: str, config_path: str, overrides: list[str], timeout_s:
         resumed = _in_fresh_process(device, config_path, saved + ["train.steps=3"], timeout_s)
 
         def deterministic(run: str) -> list[dict]:
-            return [{k: v for k, v in r.items() if not k.startswith(WALL_CLOCK)} for r in _records(Path(tmp) / run)]
+            records = read_metrics(Path(tmp) / run)
+            return [{k: v for k, v in r.items() if not k.startswith(WALL_CLOCK)} for r in records]
 
         same_records = deterministic("straight") == deterministic("resumed")
     return {"records_equal": same_records, "weights_equal": whole["weights"] == resumed["weights"]}

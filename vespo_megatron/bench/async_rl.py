@@ -91,28 +91,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vespo-bench-async-") as tmp:
         common = [*args.overrides, f"train.steps={args.steps}", "checkpoint.dir=null", "logging.tensorboard=false",
                   "logging.progress_bar=false", "rl.eval_prompts=0"]
-        runs = {
-            "colocated": common + [f"logging.run_dir={tmp}/colocated"],
-            "disaggregated": common + [f"parallel.rollout_ranks={args.rollout_ranks}", *args.split,
-                                       f"logging.run_dir={tmp}/disaggregated"],
+        runs = {  # each mode's own overrides, after the common ones
+            "colocated": [],
+            "disaggregated": [f"parallel.rollout_ranks={args.rollout_ranks}", *args.split],
         }
         procs = {"colocated": args.colocated_procs or args.procs, "disaggregated": args.procs}
         if args.partial:
-            runs["partial"] = runs["disaggregated"][:-1] + ["rollout.partial=true", f"logging.run_dir={tmp}/partial"]
+            runs["partial"] = runs["disaggregated"] + ["rollout.partial=true"]
             procs["partial"] = args.procs
         result: dict = {"procs": procs, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                         "loadavg_before": list(os.getloadavg()), "torch_threads": torch.get_num_threads()}
         measured: dict[str, list[dict]] = {mode: [] for mode in runs}
         for repeat in range(args.repeats):
-            for mode, overrides in runs.items():
+            for mode, own in runs.items():
                 run_dir = Path(tmp) / f"{mode}_{repeat}"
-                overrides = overrides[:-1] + [f"logging.run_dir={run_dir}"]
+                overrides = common + own + [f"logging.run_dir={run_dir}"]
                 config = load_run_config(args.config, overrides)
                 run_local_workers(_run, procs[mode], args.config, overrides, timeout_s=3600)
                 measured[mode].append(_figures(run_dir, args.warmup, config.rl.num_minibatches))
-        for mode, overrides in runs.items():
+        for mode, own in runs.items():
             result[mode] = median_figures(measured[mode])
-            result[mode]["overrides"] = overrides[len(common):-1]
+            result[mode]["overrides"] = own
     result["loadavg_after"] = list(os.getloadavg())
     result["speedup"] = result["colocated"]["seconds_per_update"] / result["disaggregated"]["seconds_per_update"]
     if args.partial:

@@ -107,10 +107,8 @@ def update_measures_mismatch(config: Config, engine: Engine) -> bool:
 def update_logprob_sums(reported: list[dict], size: int, engine: Engine) -> torch.Tensor:
     """The per-sequence ``seq/logprob_sum`` of an update's micro-batch reports in rollout-row order, on every
     pipeline stage (``reported`` is empty before the last stage)."""
-    values = torch.zeros(size)
-    for report in reported:
-        values[report["seq/row"].cpu().long()] = report["seq/logprob_sum"].cpu().to(values.dtype)
-    return from_last_stage(values, engine.ctx.pp_group)
+    rows = [{"rows": report["seq/row"].cpu().long()} for report in reported]
+    return from_last_stage(per_row(rows, reported, "seq/logprob_sum", size), engine.ctx.pp_group)
 
 
 def use_sampler_logprobs(rollout: Rollout, token_level: bool) -> None:

@@ -228,7 +228,8 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
             )
             token_loss = token_loss * (term.exp() * keep.to(term.dtype)).unsqueeze(1).to(token_loss.dtype)
         lengths = batch["response_lengths"]
-        seq_loss = token_loss.sum(dim=1) + kl_penalty((logprobs * mask).sum(dim=1), batch, config.rl.kl_coef)
+        logprob_sums = (logprobs * mask).sum(dim=1)
+        seq_loss = token_loss.sum(dim=1) + kl_penalty(logprob_sums, batch, config.rl.kl_coef)
         loss = aggregate_sequence_loss(seq_loss, lengths.to(token_loss.dtype), loss_cfg.aggregation_mode,
                                        global_tokens, global_sequences, global_micro_batches)
         log_ratio = ((logprobs.detach() - batch["old_logprobs"]) * mask).sum(dim=1)
@@ -239,7 +240,7 @@ def token_loss_head(ctx, config, global_tokens: torch.Tensor, global_sequences: 
             "seq/row": batch["rows"],
         }
         if ctx.cp == 1:  # whole sequences on this rank: the sums the mismatch metrics can take from the update
-            reported["seq/logprob_sum"] = (logprobs.detach() * mask).sum(dim=1)
+            reported["seq/logprob_sum"] = logprob_sums.detach()
         for name, value in out.metrics.items():
             if name.endswith("clip_frac") or name.endswith("_frac"):
                 reported[name] = torch.tensor([float(value), 1.0], device=loss.device)

@@ -107,9 +107,14 @@ def make_plan(args) -> Plan:
         variants += tuple(v for v in ABLATION_VARIANTS if v not in variants)
     if args.mismatch:
         variants += tuple(v for v in MISMATCH_VARIANTS if v not in variants)
-    default_lrs = ((3e-5, 1e-4, 3e-4) if sweep else ((3e-4, 1e-3) if quick else FRONTIER_LRS) if frontier
-                   else (1e-4,))
-    lrs = tuple(sorted(args.lr)) if args.lr else default_lrs
+    if args.lr:
+        lrs = tuple(sorted(args.lr))
+    elif sweep:
+        lrs = (3e-5, 1e-4, 3e-4)
+    elif frontier:
+        lrs = (3e-4, 1e-3) if quick else FRONTIER_LRS
+    else:
+        lrs = (1e-4,)
     if args.what in ("staleness", "async") and len(lrs) != 1:
         raise SystemExit(f"study {args.what} takes one --lr (run `study lr-sweep` or `study frontier` for several)")
     if frontier and len(lrs) < 2:
