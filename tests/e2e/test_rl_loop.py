@@ -149,6 +149,25 @@ def test_minibatches_use_the_sampling_policy_as_behaviour_policy(tmp_path):
     assert all(d > 1e-3 for d in drift[1:]), drift
 
 
+def test_sampler_temperature_puts_its_mismatch_into_log_w(tmp_path):
+    """rollout.sampler_temperature with loss.behaviour=sampler: mu is the sampler's log-prob at its own
+    temperature and pi the trainer's at rollout.temperature, so the first step's log W (no update yet) is the
+    mismatch alone: zero up to rounding when both temperatures agree, large when they differ."""
+    from vespo_megatron.metrics import read_metrics
+
+    measured = {}
+    for name, extra in (("same", []), ("hot", ["rollout.sampler_temperature=2.0"])):
+        run_dir = tmp_path / name
+        run_workers(1, overrides(tmp_path, "loss.name=vespo", "loss.behaviour=sampler", "train.steps=1",
+                                 "rl.num_minibatches=1", f"logging.run_dir={run_dir}", *extra))
+        measured[name] = read_metrics(run_dir / "metrics.jsonl")[0]
+    for key in ("mismatch/seq_abs_log_ratio_mean", "vespo/abs_log_w_mean"):
+        assert measured["same"][key] < 1e-4, (key, measured["same"][key])
+        # The untrained tiny model is nearly uniform over its vocabulary, so temperature moves each token's
+        # log-prob by a few hundredths; over a 4-token response that is far above the rounding of "same".
+        assert measured["hot"][key] > 0.05, (key, measured["hot"][key])
+
+
 def _async_worker(rank, world_size, overrides_):
     from vespo_megatron.rl.step import run_step
 

@@ -114,17 +114,34 @@ def test_frontier_is_the_largest_rate_keeping_ninety_percent_of_the_n1_base_accu
 
 
 def test_quick_frontier_runs_every_rate_and_writes_the_frontier(tmp_path):
+    """The heavy-weights arm through ``study frontier --quick``: both of its losses at every (N, rate), the
+    frontier rows, the pairing of GRPO with VESPO by seed, the sampler gap recorded, and the plot."""
     out = tmp_path / "frontier"
-    assert main(["frontier", "--quick", "--losses", "vespo", "--warmup-steps", "4", "--eval-prompts", "8",
-                 "--out", str(out)]) == 0
+    assert main(["frontier", "--quick", "--losses", "vespo+hot", "grpo+hot", "--warmup-steps", "4",
+                 "--eval-prompts", "8", "--out", str(out)]) == 0
     result = json.loads((out / "frontier.json").read_text())
-    assert {(c["N"], c["lr"]) for c in result["cells"]} == {(1, 3e-4), (1, 1e-3), (4, 3e-4), (4, 1e-3)}
+    assert {(c["variant"], c["N"], c["lr"]) for c in result["cells"]} == {
+        (v, n, lr) for v in ("vespo+hot", "grpo+hot") for n in (1, 4) for lr in (3e-4, 1e-3)}
     rows = result["frontier"]
-    assert [(r["variant"], r["N"]) for r in rows] == [("vespo", 1), ("vespo", 4)]
+    assert [(r["variant"], r["N"]) for r in rows] == [("grpo+hot", 1), ("grpo+hot", 4), ("vespo+hot", 1),
+                                                      ("vespo+hot", 4)]
     for row in rows:
         assert row["base_lr"] == 3e-4 and math.isfinite(row["reference_accuracy"])
         assert set(row["accuracy_by_lr"]) == {"0.0003", "0.001"}  # rates as JSON keys
         assert row["frontier_lr"] in (None, 3e-4, 1e-3) and row["cells"] == 2 and 0 <= row["collapses"] <= 2
-    n1 = rows[0]
-    assert n1["frontier_lr"] is not None  # N = 1 at the base rate holds against itself
-    assert "## Stability frontier" in (out / "frontier.md").read_text()
+        if row["N"] == 1:
+            assert row["frontier_lr"] is not None  # N = 1 at the base rate holds against itself
+    # The sampler draws at 1.3 while the trainer evaluates at 1: every rollout enters training with |log W| > 0.
+    assert all(c["sampler_abs_log_ratio"] > 1e-3 for c in result["cells"])
+    config = yaml.safe_load((Path(result["cells"][0]["run_dir"]) / "config.yaml").read_text())
+    assert config["rollout"]["sampler_temperature"] == 1.3 and config["loss"]["behaviour"] == "sampler"
+    comparisons = result["comparisons"]
+    assert {(r["metric"], r["N"], r["lr"]) for r in comparisons} == {
+        ("accuracy", 1, 3e-4), ("accuracy", 1, 1e-3), ("accuracy", 4, 3e-4), ("accuracy", 4, 1e-3),
+        ("frontier_steps", 1, None), ("frontier_steps", 4, None)}
+    for row in comparisons:
+        assert (row["reference"], row["variant"], row["seeds"], row["n"]) == ("vespo+hot", "grpo+hot", [0], 1)
+        assert row["min_detectable"] is None and not row["decided"]  # one seed decides nothing
+    text = (out / "frontier.md").read_text()
+    assert "## Stability frontier" in text and "| dense | 4 | frontier | vespo+hot - grpo+hot | 1 |" in text
+    assert (out / "frontier_dense.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -99,6 +99,27 @@ def test_sampled_tokens_stay_in_the_filtered_set_and_logprobs_are_untruncated():
     torch.testing.assert_close(logprobs, expected)
 
 
+def test_sampler_temperature_draws_and_records_mu_at_its_own_temperature():
+    """rollout.sampler_temperature: the decoder samples at it and records the log-prob at it (mu), while
+    rollout.temperature stays the trainer's; unset, the sampler uses rollout.temperature."""
+    from vespo_megatron.config.rl import RolloutConfig
+    from vespo_megatron.rollout.common import DecodeRequest, sample_and_share
+
+    logits = torch.randn(512, 10, generator=torch.Generator().manual_seed(4))
+    uniforms = torch.rand(512, generator=torch.Generator().manual_seed(5))
+    last_stage = SimpleNamespace(is_last_stage=True, pp=1)
+    for sampler_temperature, expected_temperature in ((None, 0.8), (2.0, 2.0)):
+        settings = RolloutConfig(temperature=0.8, sampler_temperature=sampler_temperature)
+        request = DecodeRequest(settings=settings, seq_length=16, eos_id=0, pad_id=0, uniforms=uniforms)
+        tokens, logprobs = sample_and_share(logits, 512, uniforms, request, last_stage)
+        expected = torch.log_softmax(logits / expected_temperature, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        torch.testing.assert_close(logprobs.double(), expected.double())
+        reference, _ = sample_next_tokens(logits, temperature=expected_temperature, uniforms=uniforms)
+        assert torch.equal(tokens, reference)
+    with pytest.raises(ValueError, match="rollout.sampler_temperature"):
+        RolloutConfig(sampler_temperature=0.0)
+
+
 def test_vocabulary_padding_is_never_sampled_or_chosen_greedily():
     logits = torch.zeros(256, 8)
     logits[:, 6:] = 50.0  # padding columns with huge logits

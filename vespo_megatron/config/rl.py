@@ -146,6 +146,11 @@ class RolloutConfig:
     """Response budget in tokens."""
     temperature: float = 1.0
     """Sampling temperature (the trainer's log-probs use the same temperature)."""
+    sampler_temperature: Optional[float] = None
+    """A deliberate train/inference mismatch: the sampler draws (and records mu) at this temperature while the
+    trainer evaluates pi at rollout.temperature; null samples at rollout.temperature. With
+    loss.behaviour=sampler every token then carries log pi - log mu != 0 and sequence weights grow heavy-tailed
+    with the response length (the study's heavy-weights arm, docs/results.md)."""
     top_p: float = 1.0
     """Nucleus sampling threshold; 1.0 disables it."""
     top_k: int = 0
@@ -185,11 +190,18 @@ class RolloutConfig:
     (old log-probs, updates) stays in model.dtype, the train/inference mismatch of a bf16 inference engine
     beside an fp32 trainer; loss.correction (TIS/MIS) then covers the gap between the two log-probs."""
 
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature the sampler draws at: sampler_temperature when set, else temperature."""
+        return self.temperature if self.sampler_temperature is None else self.sampler_temperature
+
     def __post_init__(self) -> None:
         require(self.prompts_per_step >= 1, f"rollout.prompts_per_step={self.prompts_per_step} must be >= 1")
         require(self.group_size >= 1, f"rollout.group_size={self.group_size} must be >= 1")
         require(self.max_new_tokens >= 1, f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
         require(self.temperature > 0, f"rollout.temperature={self.temperature} must be > 0")
+        require(self.sampler_temperature is None or self.sampler_temperature > 0,
+                f"rollout.sampler_temperature={self.sampler_temperature} must be > 0 (null: rollout.temperature)")
         require(0 < self.top_p <= 1, f"rollout.top_p={self.top_p} must be in (0, 1]")
         require(self.top_k >= 0, f"rollout.top_k={self.top_k} must be >= 0 (0 disables it)")
         require(self.max_batch_sequences is None or self.max_batch_sequences >= 1,

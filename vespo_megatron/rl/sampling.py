@@ -105,7 +105,7 @@ def served_sample_and_score(client: VllmClient, config: Config, tokenizer: RunTo
     group, settings = config.rollout.group_size, config.rollout
     samples = [s for s in prompts for _ in range(group)]
     encoded = [tokenizer.encode_prompt(s.prompt) for s in samples]
-    sampling = SamplingSettings(max_tokens=settings.max_new_tokens, temperature=settings.temperature,
+    sampling = SamplingSettings(max_tokens=settings.max_new_tokens, temperature=settings.sampling_temperature,
                                 top_p=settings.top_p, top_k=settings.top_k,
                                 stop_token_ids=tuple(int(t) for t in tokenizer.stop_ids),
                                 allowed_vocab=tokenizer.vocab_size if tokenizer.vocab_size < config.model.vocab_size

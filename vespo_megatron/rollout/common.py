@@ -190,7 +190,7 @@ def sample_and_share(logits: Optional[torch.Tensor], n: int, uniforms: torch.Ten
     if ctx.is_last_stage:
         settings = request.settings
         tokens, logprobs = sample_next_tokens(
-            logits, vocab_size=request.vocab_size, temperature=settings.temperature, top_k=settings.top_k,
+            logits, vocab_size=request.vocab_size, temperature=settings.sampling_temperature, top_k=settings.top_k,
             top_p=settings.top_p, greedy=request.greedy, uniforms=uniforms.to(logits.device),
         )
     if ctx.pp > 1:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from vespo_megatron.study.plan import (
     ABLATION_VARIANTS,
+    HEAVY_VARIANTS,
+    HOT_SAMPLER_TEMPERATURE,
     LOSSES,
     MISMATCH_VARIANTS,
     MODELS,
@@ -31,8 +33,8 @@ from vespo_megatron.study.plan import (
     VARIANTS,
     Plan,
 )
+from vespo_megatron.study.frontier import KEEP, comparison_table, frontier_table, paired_comparisons
 from vespo_megatron.study.frontier import frontier as frontier_rows
-from vespo_megatron.study.frontier import frontier_table
 from vespo_megatron.study.summary import summarise
 
 FRONTIER_LRS = (3e-4, 5e-4, 7e-4, 1e-3, 1.5e-3)
@@ -63,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablations", action="store_true", help=f"add the rows {', '.join(ABLATION_VARIANTS)}")
     parser.add_argument("--mismatch", action="store_true",
                         help=f"add the train/inference mismatch arm: {', '.join(MISMATCH_VARIANTS)}")
+    parser.add_argument("--heavy-weights", action="store_true",
+                        help=f"add the heavy-weights arm: {', '.join(HEAVY_VARIANTS)} (the sampler draws at "
+                             f"temperature {HOT_SAMPLER_TEMPERATURE}, the trainer evaluates at 1, mu is the "
+                             "sampler's log-prob: every token adds to log W)")
     parser.add_argument("--staleness", nargs="+", type=int, default=None,
                         help="N values (default 1 4 16 64; frontier 1 8 32 64)")
     parser.add_argument("--updates", type=int, default=None,
@@ -100,6 +106,19 @@ def _task_options(items: list[str]) -> dict:
     return options
 
 
+def comparisons_section(rows: list[dict], eval_prompts: int) -> str:
+    """Markdown: the paired comparisons with how to read them and the evaluation's own noise."""
+    se = [row["eval_se"] for row in rows if row.get("eval_se") is not None]
+    noise = (f" One cell's accuracy on {eval_prompts} prompts has a binomial standard error of about "
+             f"{sum(se) / len(se):.3f} (a lower bound: prompts repeat problems)." if se else "")
+    return ("\n## Paired by seed: each variant against its arm's VESPO\n\n"
+            "Reference minus variant over the seeds both ran (same warm start and prompts). `frontier` rows: "
+            "the per-seed frontier (its own N = 1 base accuracy, the same 90 % rule) in steps of the rate grid. "
+            "`detectable`: the true difference this many seeds find with 80 % power at a two-sided 5 % level; "
+            "`decided`: both intervals exclude 0. A 'no' with a large `detectable` is a lack of power, not "
+            f"evidence of equality.{noise}\n\n" + comparison_table(rows))
+
+
 def make_plan(args) -> Plan:
     quick, sweep, frontier = args.quick, args.what == "lr-sweep", args.what == "frontier"
     variants = tuple(args.losses or (("vespo", "grpo") if quick else LOSSES))
@@ -107,6 +126,8 @@ def make_plan(args) -> Plan:
         variants += tuple(v for v in ABLATION_VARIANTS if v not in variants)
     if args.mismatch:
         variants += tuple(v for v in MISMATCH_VARIANTS if v not in variants)
+    if args.heavy_weights:
+        variants += tuple(v for v in HEAVY_VARIANTS if v not in variants)
     if args.lr:
         lrs = tuple(sorted(args.lr))
     elif sweep:
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from vespo_megatron.runtime.local_workers import run_local_workers
     from vespo_megatron.study.async_arm import DEFAULT_BOUNDS, run_async_arm
     from vespo_megatron.study.cells import collect_finished, grid_worker
-    from vespo_megatron.study.report import write_plots, write_table
+    from vespo_megatron.study.report import write_frontier_plots, write_plots, write_table
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,12 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     result.update(plan=asdict(plan), command=command, seconds=time.perf_counter() - started)
     if args.what == "frontier":
         result["frontier"] = frontier_rows(result["cells"])
+    if args.what in ("frontier", "staleness"):
+        result["comparisons"] = paired_comparisons(result["cells"], eval_prompts=plan.eval_prompts)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     table = write_table(result, plan, out, command, name=f"{name}.md", knob=knob, values=values)
-    if args.what == "frontier":
-        with table.open("a") as handle:
+    with table.open("a") as handle:
+        if args.what == "frontier":
             handle.write("\n## Stability frontier\n\n" + frontier_table(result["frontier"]))
-    plots = write_plots(result, plan, out, knob=knob, values=values) if args.what in ("staleness", "async") else []
+        if "comparisons" in result:
+            handle.write(comparisons_section(result["comparisons"], plan.eval_prompts))
+    if args.what in ("staleness", "async"):
+        plots = write_plots(result, plan, out, knob=knob, values=values)
+    else:
+        plots = write_frontier_plots(result, plan, out, KEEP) if args.what == "frontier" else []
     print(table.read_text())
     print(f"study: {len(result['cells'])} cells in {result['seconds']:.0f}s; wrote {out / (name + '.json')}, {table}"
           + "".join(", " + str(p) for p in plots))

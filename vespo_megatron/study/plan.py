@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LOSSES = ("vespo", "grpo", "gspo", "sapo", "cispo")
+HOT_SAMPLER_TEMPERATURE = 1.3
+"""The heavy-weights arm's sampler temperature (the trainer's stays rollout.temperature = 1)."""
 VARIANTS = {
     # The paper's two ablations of VESPO.
     "vespo-lennorm": ["loss.name=vespo", "loss.vespo.length_normalize=true"],
@@ -23,8 +25,13 @@ VARIANTS = {
     "vespo+bf16+tis": ["loss.name=vespo", "rollout.sampler_dtype=bf16", "loss.correction.mode=tis"],
     "grpo+bf16": ["loss.name=grpo", "rollout.sampler_dtype=bf16"],
     "grpo+bf16+tis": ["loss.name=grpo", "rollout.sampler_dtype=bf16", "loss.correction.mode=tis"],
+    # Heavy sequence weights by design: the sampler draws at a higher temperature than the trainer evaluates
+    # and mu is the sampler's own log-prob, so every token adds to log W (docs/results.md, "heavy weights").
+    **{f"{loss}+hot": [f"loss.name={loss}", "loss.behaviour=sampler",
+                       f"rollout.sampler_temperature={HOT_SAMPLER_TEMPERATURE}"] for loss in ("vespo", "grpo", "gspo")},
 }
 MISMATCH_VARIANTS = ("vespo+bf16", "vespo+bf16+tis", "grpo+bf16", "grpo+bf16+tis")
+HEAVY_VARIANTS = ("vespo+hot", "grpo+hot", "gspo+hot")
 ABLATION_VARIANTS = ("vespo-lennorm", "vespo-sym")
 MODELS = {
     "dense": [],

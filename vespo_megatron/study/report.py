@@ -168,3 +168,49 @@ def write_plots(result: dict, plan: Plan, out: Path, knob: str = "N", values: tu
             paths.append(plot_runs([c["run_dir"] for c in group], [c["variant"] for c in group], "reward/mean",
                                    out / f"reward_curves_{model}_{knob}{n}.png"))
     return paths
+
+
+def write_frontier_plots(result: dict, plan: Plan, out: Path, keep: float) -> list[Path]:
+    """Per model, one panel per N: greedy accuracy against the learning rate (log scale) for every variant, mean
+    over seeds with a min..max band, and each variant's hold line (``keep`` x its N = 1 accuracy at the base
+    rate, dashed): the frontier is the last rate whose mean sits on or above the line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    paths = []
+    lrs = sorted(plan.lrs)
+    for model in plan.models:
+        fig = Figure(figsize=(3.6 * len(plan.staleness), 3.6), dpi=80)
+        FigureCanvasAgg(fig)
+        for index, n in enumerate(plan.staleness):
+            ax = fig.add_subplot(1, len(plan.staleness), index + 1)
+            for i, variant in enumerate(plan.variants):
+                stats = []
+                for lr in lrs:
+                    got = [c["eval_accuracy"] for c in cells_of(result["cells"], model=model, variant=variant, N=n,
+                                                                lr=lr)
+                           if c["eval_accuracy"] is not None and math.isfinite(c["eval_accuracy"])]
+                    stats.append((finite_mean(got) if got else math.nan, min(got, default=math.nan),
+                                  max(got, default=math.nan)))
+                ax.plot(lrs, [s[0] for s in stats], marker="o", color=f"C{i}", label=variant)
+                ax.fill_between(lrs, [s[1] for s in stats], [s[2] for s in stats], color=f"C{i}", alpha=0.12)
+                reference = finite_mean(c["eval_accuracy"] for c in cells_of(result["cells"], model=model,
+                                                                              variant=variant, N=1, lr=lrs[0]))
+                if reference is not None:
+                    ax.axhline(keep * reference, color=f"C{i}", linestyle="--", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], rotation=45)
+            ax.minorticks_off()
+            ax.set_xlabel("learning rate")
+            ax.set_title(f"N = {n}")
+            ax.grid(True, alpha=0.3)
+            if index == 0:
+                ax.set_ylabel(f"greedy accuracy ({plan.eval_prompts} held-out prompts)")
+        ax.legend(fontsize="small")
+        fig.suptitle(f"Stability frontier, {plan.task}, {model}: mean over {plan.seeds} seed(s), band min..max, "
+                     f"dashed = {keep:g} x N=1 at {lrs[0]:g}")
+        fig.tight_layout()
+        path = out / f"frontier_{model}.png"
+        fig.savefig(path, format="png")
+        paths.append(path)
+    return paths

@@ -9,6 +9,9 @@ COLLAPSE_DROP = 0.5
 SILENCED = 0.5
 """A step is silenced when more than this fraction of sequences has phi < 1e-3 (vespo/silenced_frac)."""
 PHI_KEYS = ("vespo/phi_mean", "vespo/ess", "vespo/abs_log_w_mean", "vespo/silenced_frac")
+SAMPLER_GAP_KEY = "mismatch/seq_abs_log_ratio_mean"
+"""Mean |sum_t log pi_trainer - log mu_sampler| per sequence as a rollout enters training: the sequence log-weight
+that a behaviour-policy mismatch (or lag) puts in, whatever the loss (recorded under loss.behaviour=sampler)."""
 
 
 def window(updates: int) -> int:
@@ -65,7 +68,9 @@ def summarise(records: list[dict], updates: int) -> dict:
     last = records[-summary["window"]:]
     summary.update(first_reward=rewards[0] if rewards else None, nonfinite_steps=nonfinite, silenced_steps=silenced,
                    collapse=collapse_events(summary["reward_drop"], nonfinite, silenced),
-                   phi={key: finite_mean(r.get(key) for r in last) for key in PHI_KEYS}, reward_history=rewards)
+                   phi={key: finite_mean(r.get(key) for r in last) for key in PHI_KEYS},
+                   sampler_abs_log_ratio=finite_mean(r.get(SAMPLER_GAP_KEY) for r in records),
+                   reward_history=rewards)
     return summary
 
 
