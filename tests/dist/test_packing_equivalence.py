@@ -4,7 +4,9 @@ The reference is the one-process update with today's fixed micro-batches (``trai
 sequences, each padded to the sequence length). The run under test packs the same sequences into
 ``[1, t]`` rows under a token budget (``train.max_tokens_per_microbatch``, ``train.pack_sequences``), in a
 sharded layout: the per-sequence log-prob sums, the loss and every gradient must agree within 1e-6
-(fp32; the log-prob sums, of tens of nats, relative), for the dense model (TP1, TP2+SP, PP2, DP2; GRPO's per-token path at TP2+SP) and the MoE model (TP1, TP2+SP, PP2, EP2). Packing with CP is
+(fp32; the log-prob sums, of tens of nats, relative), for the dense model (TP1, TP2+SP, PP2, PP2+VPP2, DP2; GRPO's
+per-token path at TP2+SP) and the MoE model (TP1, TP2+SP, PP2, PP2+VPP2, EP2). Under VPP every packed row is padded
+to the budget, since the interleaved schedule sends activations of one shape. Packing with CP is
 refused by validate; at CP2 the token-budget rows are padded per micro-batch instead (VESPO and GRPO).
 The aggregation is token-mean, which does not depend on the split
 into micro-batches (docs/loss.md); tests/dist/equivalence_harness.py explains how shards are compared.
@@ -26,6 +28,11 @@ LAYOUTS = {
     "dense_vespo_tp1": (DENSE, "vespo", [], 1),
     "dense_vespo_tp2_sp": (DENSE, "vespo", ["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "dense_vespo_pp2": (DENSE, "vespo", ["parallel.pp=2"], 2),
+    # the interleaved schedule: every packed row padded to the budget (one activation shape)
+    "dense_vespo_pp2_vpp2": (DENSE, "vespo", ["parallel.pp=2", "parallel.vpp=2"], 2),
+    # a budget all 8 sequences fit into: one bin would do, the schedule needs 2 (each gets sequences)
+    "dense_vespo_pp2_vpp2_one_bin_budget": (DENSE, "vespo", ["parallel.pp=2", "parallel.vpp=2",
+                                                             "train.max_tokens_per_microbatch=128"], 2),
     "dense_vespo_dp2": (DENSE, "vespo", [], 2),
     "dense_grpo_tp2_sp": (DENSE, "grpo", ["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     # token-budget rows padded per micro-batch (no packing), which context parallelism supports
@@ -34,6 +41,7 @@ LAYOUTS = {
     "moe_vespo_tp1": (MOE, "vespo", [], 1),
     "moe_vespo_tp2_sp": (MOE, "vespo", ["parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "moe_vespo_pp2": (MOE, "vespo", ["parallel.pp=2"], 2),
+    "moe_vespo_pp2_vpp2": (MOE, "vespo", ["parallel.pp=2", "parallel.vpp=2"], 2),
     "moe_vespo_ep2": (MOE, "vespo", ["parallel.ep=2"], 2),
 }
 
@@ -47,6 +55,10 @@ def test_packed_sharded_update_matches_padded_single_process(name, tmp_path):
     loss_tolerance = 5e-6 if "cp2" in name else 1e-6
     for run in runs:
         assert run["loss"] == pytest.approx(ref["loss"], rel=0, abs=loss_tolerance)
+    if "vpp2" in name:  # the interleaved schedule runs a multiple of pp micro-batches
+        assert all(run["micro_batches"] % 2 == 0 for run in runs), [run["micro_batches"] for run in runs]
+    if "one_bin_budget" in name:
+        assert all(run["micro_batches"] == 2 for run in runs), [run["micro_batches"] for run in runs]
     covered = sum(run["sums"] for run in runs if run["primary"])  # one rank per data-parallel replica
     # sums of ~30 nats: 1e-6 relative is the fp32 rounding of the summation order
     assert ((covered - ref["sums"]).abs() / ref["sums"].abs().clamp(min=1)).max().item() <= 1e-6

@@ -90,6 +90,31 @@ def test_packed_row_pads_to_the_alignment_in_a_segment_of_its_own():
     assert batch["loss_mask"][0, 5:].sum() == 0
 
 
+def test_plan_rounds_the_count_up_to_a_multiple_and_may_leave_bins_empty():
+    """The interleaved pipeline schedule runs a multiple of pp micro-batches."""
+    assert len(assign_bins(LENGTHS, 16, True)) % 4  # the local plan alone is not a multiple of 4
+    bins = plan_micro_batches(LENGTHS, 16, True, None, multiple_of=4)
+    assert len(bins) % 4 == 0 and sorted(i for b in bins for i in b) == list(range(len(LENGTHS)))
+    few = plan_micro_batches([3, 2, 2], 64, True, None, multiple_of=4)
+    assert len(few) == 4 and sorted(map(len, few)) == [0, 1, 1, 1]
+    with pytest.raises(ValueError, match="multiple_of=0"):
+        plan_micro_batches([3], 8, True, None, multiple_of=0)
+
+
+def test_packed_rows_under_the_interleaved_schedule_all_have_the_budgets_width():
+    rollout = _rollout()
+    ctx = SimpleNamespace(**{**vars(CTX), "pp": 2})
+    batches = micro_batches(rollout, torch.arange(3), 1, ctx, max_tokens=10, pack=True, fixed_width=True)
+    # One bin would hold both 4-position sequences; the schedule needs a multiple of pp = 2, so they spread.
+    assert len(batches) == 2
+    assert [b["tokens"].shape for b in batches] == [(1, 10), (1, 10)]
+    assert [b["cu_seqlens"].tolist() for b in batches] == [[0, 4, 10], [0, 4, 10]]
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == 3 + 4
+    assert sorted(int(r) for b in batches for r in b["rows"]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="width 6 cannot hold 8"):
+        packed_lm_batch(rollout.sequences[[0, 2]], torch.ones_like(rollout.sequences[[0, 2]]), [4, 4], width=6)
+
+
 def test_row_layout_puts_packed_values_back_per_sequence():
     rollout = _rollout()
     (batch,) = micro_batches(rollout, torch.arange(3), 1, CTX, max_tokens=8, pack=True)

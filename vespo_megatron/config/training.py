@@ -69,7 +69,8 @@ class TrainConfig:
     pack_sequences: bool = False
     """Concatenate the sequences of a token-budget micro-batch into one row without padding (THD, attention
     restricted to each sequence, RoPE positions restarting per sequence); false pads each micro-batch to its
-    longest sequence. Needs max_tokens_per_microbatch; not with parallel.cp > 1."""
+    longest sequence. Needs max_tokens_per_microbatch; not with parallel.cp > 1. Required with parallel.vpp,
+    where every packed row is padded to the budget (the interleaved schedule sends one activation shape)."""
     seq_length: Optional[int] = None
     """Padded sequence length of a training batch; None means model.max_seq_length."""
     seed: int = 1234

@@ -308,10 +308,17 @@ def _validate_token_budget(config: Config, sequences: int) -> None:
         "num_minibatches",
     )
     require(
-        not par.vpp,
-        f"train.max_tokens_per_microbatch does not support parallel.vpp={par.vpp}: the interleaved schedule's "
-        "exchange of varying activation shapes (variable_seq_lengths) mismatches messages between the two "
-        "chunks' peers; set parallel.vpp=null or train.max_tokens_per_microbatch=null",
+        not par.vpp or (sequences // rl.num_minibatches) % par.pp == 0,
+        f"train.max_tokens_per_microbatch with parallel.vpp={par.vpp}: the interleaved schedule runs a multiple of "
+        f"parallel.pp={par.pp} micro-batches, so each rank's {sequences // rl.num_minibatches} sequences per "
+        "mini-batch (rollout.prompts_per_step*group_size/dp/rl.num_minibatches) must be a multiple of it too "
+        "(no micro-batch without a sequence); change prompts_per_step, group_size or num_minibatches",
+    )
+    require(
+        not par.vpp or train.pack_sequences,
+        f"train.max_tokens_per_microbatch with parallel.vpp={par.vpp} needs train.pack_sequences=true: the "
+        "interleaved schedule sends activations of one shape, which packed rows padded to the budget have and "
+        "padded token-budget micro-batches do not; set pack_sequences=true (or parallel.vpp=null)",
     )
     require(
         not (train.pack_sequences and par.cp > 1),
@@ -324,7 +331,7 @@ def _validate_token_budget(config: Config, sequences: int) -> None:
         "train.max_tokens_per_microbatch=null or routing_replay=false",
     )
     require(
-        not (par.pp > 1 and config.model.is_moe and config.model.moe_token_dispatcher == "allgather"),
+        not (par.pp > 1 and not par.vpp and config.model.is_moe and config.model.moe_token_dispatcher == "allgather"),
         "train.max_tokens_per_microbatch with parallel.pp > 1 sends micro-batches of varying shape "
         "(variable_seq_lengths), which Megatron's allgather token dispatcher refuses; set "
         "model.moe_token_dispatcher=alltoall",

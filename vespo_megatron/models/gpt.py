@@ -85,7 +85,8 @@ def transformer_config(config: Config, vocab_size: int):
         use_cpu_initialization=not on_gpu,
         batch_p2p_comm=_batch_p2p_comm(config),
         # Token-budget micro-batches differ in shape: pipeline stages exchange each activation's shape first.
-        variable_seq_lengths=config.train.max_tokens_per_microbatch is not None and par.pp > 1,
+        # The interleaved schedule cannot; there every packed row has one width (rl.batch.packed_row_width).
+        variable_seq_lengths=config.train.max_tokens_per_microbatch is not None and par.pp > 1 and not par.vpp,
         # Megatron's default (allgather) refuses variable_seq_lengths, even on a dense model.
         moe_token_dispatcher_type=model.moe_token_dispatcher,
         **fusion_settings(config, on_gpu),

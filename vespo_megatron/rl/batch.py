@@ -122,10 +122,12 @@ def row_alignment(ctx) -> int:
 
 
 def micro_batch_rows(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, ctx,
-                     max_tokens: Optional[int] = None, pack: bool = False) -> list[torch.Tensor]:
+                     max_tokens: Optional[int] = None, pack: bool = False,
+                     count_multiple_of: int = 1) -> list[torch.Tensor]:
     """The rollout rows of each micro-batch: ``micro_batch_size`` consecutive rows, or, with ``max_tokens``,
     whole sequences binned by length (:func:`~vespo_megatron.train.microbatching.plan_micro_batches`: the
-    same number of micro-batches on every data-parallel rank, a collective over ``ctx.dp_group``)."""
+    same number of micro-batches on every data-parallel rank, a multiple of ``count_multiple_of``, a
+    collective over ``ctx.dp_group``)."""
     if max_tokens is None:
         if len(rows) % micro_batch_size:
             raise ValueError(f"{len(rows)} rows are not divisible by micro_batch_size={micro_batch_size}")
@@ -134,17 +136,26 @@ def micro_batch_rows(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int
     check_lengths(lengths.tolist(), max_tokens, rows.tolist())
     if not pack:  # a padded row's length is rounded up to the alignment: bin by the rounded length
         lengths = torch.tensor([align_up(int(length), row_alignment(ctx)) for length in lengths])
-    bins = plan_micro_batches(lengths.tolist(), max_tokens, pack, ctx.dp_group)
+    bins = plan_micro_batches(lengths.tolist(), max_tokens, pack, ctx.dp_group, count_multiple_of)
     return [rows[torch.tensor(members, dtype=torch.long)] for members in bins]
 
 
+def packed_row_width(max_tokens: int, ctx) -> int:
+    """The one width of every packed row under the interleaved (virtual) pipeline schedule: the token budget
+    rounded up to the row alignment. That schedule sends activations of one shape (it cannot exchange shapes
+    per micro-batch), so each packed row is padded to it; the bins fill rows close to the budget anyway."""
+    return align_up(max_tokens, row_alignment(ctx))
+
+
 def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, ctx, *,
-                  max_tokens: Optional[int] = None, pack: bool = False) -> list[dict]:
+                  max_tokens: Optional[int] = None, pack: bool = False, fixed_width: bool = False) -> list[dict]:
     """Micro-batch dicts (CP-sharded) of ``rows``, with the per-sequence RL fields.
 
     Without ``max_tokens``: ``micro_batch_size`` rows each, ``[b, seq_length]``. With it: token-budget
     micro-batches (:func:`micro_batch_rows`), each ``[b, w]`` with ``w`` its longest sequence (aligned),
-    or, with ``pack``, one packed ``[1, t]`` row (:func:`~vespo_megatron.train.batches.packed_lm_batch`).
+    or, with ``pack``, one packed ``[1, t]`` row (:func:`~vespo_megatron.train.batches.packed_lm_batch`),
+    ``t`` = :func:`packed_row_width` for every row with ``fixed_width``, and then as many micro-batches as a
+    multiple of the pipeline size (the interleaved schedule's rule; a micro-batch may then hold only padding).
     Per-token RL fields (``sampler_logprobs``, and ``old_logprobs`` once the rollout has per-token old
     log-probs) are in the row layout ``[b, w]`` (:func:`row_layout`); ``rows`` names each sequence's
     rollout row.
@@ -154,14 +165,15 @@ def micro_batches(rollout: Rollout, rows: torch.Tensor, micro_batch_size: int, c
     positions = input_positions(rollout)
     seq_length = rollout.sequences.shape[1] - 1
     batches = []
-    for chunk in micro_batch_rows(rollout, rows, micro_batch_size, ctx, max_tokens, pack):
+    count_multiple_of = ctx.pp if fixed_width else 1
+    for chunk in micro_batch_rows(rollout, rows, micro_batch_size, ctx, max_tokens, pack, count_multiple_of):
         width = seq_length
         if max_tokens is not None:
-            longest = max(int(positions[chunk].max()), 1)
+            longest = max(int(positions[chunk].max()) if len(chunk) else 0, 1)
             width = longest if pack else min(seq_length, align_up(longest, row_alignment(ctx)))
         if pack:
             batch = packed_lm_batch(rollout.sequences[chunk], mask[chunk], positions[chunk].tolist(),
-                                    row_alignment(ctx))
+                                    row_alignment(ctx), packed_row_width(max_tokens, ctx) if fixed_width else None)
         else:
             batch = causal_lm_batch(rollout.sequences[chunk][:, :width + 1], mask[chunk][:, :width + 1])
         batch["sampler_logprobs"] = rollout.sampler_logprobs[chunk][:, 1:width + 1].contiguous()
@@ -186,7 +198,7 @@ def config_micro_batches(config, rollout: Rollout, rows: torch.Tensor, ctx) -> l
     """:func:`micro_batches` as ``config.train`` sets them (fixed size, token budget, packing)."""
     train = config.train
     return micro_batches(rollout, rows, train.micro_batch_size, ctx, max_tokens=train.max_tokens_per_microbatch,
-                         pack=train.pack_sequences)
+                         pack=train.pack_sequences, fixed_width=bool(config.parallel.vpp))
 
 
 def row_layout(batch: dict, values: torch.Tensor) -> torch.Tensor:

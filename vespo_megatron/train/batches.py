@@ -16,6 +16,8 @@ after another without padding (Megatron's THD format): ``position_ids`` restart 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from vespo_megatron.runtime.collectives import SEQUENCE_DIM, context_parallel_chunks
@@ -46,14 +48,16 @@ def align_up(value: int, multiple: int) -> int:
     return max(-(-value // multiple), 1) * multiple
 
 
-def packed_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, lengths: list[int], align: int = 1) -> dict:
+def packed_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, lengths: list[int], align: int = 1,
+                    width: Optional[int] = None) -> dict:
     """One packed ``[1, t]`` row from ``sequences`` [b, s+1]: the first ``lengths[i]`` input positions of each.
 
     Sequence ``i`` contributes tokens ``0 .. lengths[i]-1`` as inputs and ``1 .. lengths[i]`` as labels
     (the same pairs :func:`causal_lm_batch` makes); a sequence of length 0 takes no position. The row is
-    padded at its end to a multiple of ``align`` (sequence parallelism splits it over TP ranks) with
-    positions of a segment of its own, never trained on. Extra fields: ``sequence_index`` [1, t] (long),
-    ``cu_seqlens`` [segments + 1] (int32, padding included as the last segment), ``max_seqlen`` (int).
+    padded at its end to a multiple of ``align`` (sequence parallelism splits it over TP ranks), or to exactly
+    ``width`` positions when given (a fixed shape for the interleaved pipeline schedule), with positions of a
+    segment of its own, never trained on. Extra fields: ``sequence_index`` [1, t] (long), ``cu_seqlens``
+    [segments + 1] (int32, padding included as the last segment), ``max_seqlen`` (int).
     """
     if sequences.dim() != 2 or sequences.shape != loss_mask.shape or len(lengths) != sequences.shape[0]:
         raise ValueError(f"sequences {tuple(sequences.shape)}, loss_mask {tuple(loss_mask.shape)} and "
@@ -71,7 +75,9 @@ def packed_lm_batch(sequences: torch.Tensor, loss_mask: torch.Tensor, lengths: l
         parts["sequence_index"].append(torch.full((length,), index, dtype=torch.long))
         segments.append(length)
     total = sum(segments)
-    padding = align_up(total, align) - total
+    if width is not None and (width < total or width % align):
+        raise ValueError(f"a packed row of width {width} cannot hold {total} positions in multiples of {align}")
+    padding = (align_up(total, align) if width is None else width) - total
     if padding:
         parts["tokens"].append(torch.zeros(padding, dtype=sequences.dtype))
         parts["labels"].append(torch.zeros(padding, dtype=sequences.dtype))

@@ -94,17 +94,21 @@ def assign_bins(lengths: Sequence[int], budget: int, pack: bool, min_bins: int =
 
 
 def plan_micro_batches(lengths: Sequence[int], budget: int, pack: bool,
-                       dp_group: Optional[dist.ProcessGroup]) -> list[list[int]]:
+                       dp_group: Optional[dist.ProcessGroup], multiple_of: int = 1) -> list[list[int]]:
     """:func:`assign_bins` with the same number of bins on every rank of ``dp_group`` (a collective there).
 
-    The count is the smallest one every rank fits its sequences into; none of the bins is empty, since the
-    count never exceeds the sequences of the rank that needs the most bins and every rank holds as many
-    sequences. Each round is one max all-reduce; the count only grows, so it ends after a few rounds.
+    The count is the smallest multiple of ``multiple_of`` that every rank fits its sequences into (the
+    interleaved pipeline schedule runs a multiple of the pipeline size). With ``multiple_of = 1`` none of the
+    bins is empty, since the count never exceeds the sequences of the rank that needs the most bins and every
+    rank holds as many sequences; rounding up to a multiple may leave bins empty when there are fewer sequences
+    than bins. Each round is one max all-reduce; the count only grows, so it ends after a few rounds.
     """
-    count = 1
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of={multiple_of} must be >= 1")
+    count = multiple_of
     while True:
         bins = assign_bins(lengths, budget, pack, count)
-        agreed = int(max_over([len(bins)], dp_group)[0])
+        agreed = -(-int(max_over([len(bins)], dp_group)[0]) // multiple_of) * multiple_of
         if agreed == count:
             return bins
         count = agreed
