@@ -386,6 +386,11 @@ def _validate_vllm(config: Config) -> None:
     require(settings.max_model_len is None or settings.max_model_len >= needed,
              f"rollout.vllm.max_model_len={settings.max_model_len} is shorter than train.seq_length + 1 = {needed} "
              f"(a prompt plus its response); raise it or leave it null")
+    require(settings.device != "cpu" or not model.is_moe,
+            f"rollout.engine=vllm with an MoE model (model.num_experts={model.num_experts}) and "
+            "rollout.vllm.device=cpu: the CPU build of vLLM cannot reload expert weights in place (its layerwise "
+            "reload fails on the CPU fused-MoE kernel's processed tensors), so the first weight push would fail; "
+            "use rollout.engine=kv for MoE on CPU, or rollout.vllm.device=gpu")
     head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
     require(settings.device != "cpu" or head_dim in VLLM_CPU_HEAD_SIZES,
             f"model head size {head_dim} (model.kv_channels, or hidden_size/num_attention_heads) is not one the "
