@@ -207,8 +207,8 @@ def write_frontier_plots(result: dict, plan: Plan, out: Path, keep: float) -> li
             if index == 0:
                 ax.set_ylabel(f"greedy accuracy ({plan.eval_prompts} held-out prompts)")
         ax.legend(fontsize="small")
-        fig.suptitle(f"Stability frontier, {plan.task}, {model}: mean over {plan.seeds} seed(s), band min..max, "
-                     f"dashed = {keep:g} x N=1 at {lrs[0]:g}")
+        fig.suptitle(f"Stability frontier, {plan.task}, {model}: mean over {plan.seeds} seed(s), band min..max,\n"
+                     f"dashed = {keep:g} x the variant's N=1 accuracy at {lrs[0]:g}", fontsize="medium")
         fig.tight_layout()
         path = out / f"frontier_{model}.png"
         fig.savefig(path, format="png")
